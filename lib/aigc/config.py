@@ -1,0 +1,292 @@
+"""One config system: typed pydantic models per concern, layered defaults -> YAML -> `a.b=value`.
+
+Every problem (unknown key, wrong type, bad range, inconsistent combination) is collected and
+raised once as :class:`ConfigError`, named by its full dotted key, before any Ray resource is used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; `problems` lists every problem as 'full.key: message'."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"invalid {source} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class EmbeddedCorpus(Strict):
+    """The commerce ad-copy corpus the package generates (see `aigc.corpus`); used when no files are given."""
+
+    n_train: int = Field(4000, ge=1, description="documents in the train split")
+    n_validation: int = Field(400, ge=1, description="documents in the validation split")
+    n_test: int = Field(400, ge=1, description="documents in the test split")
+    seed: int = Field(0, description="seed of the grammar sampler")
+
+
+class DataConfig(Strict):
+    """Where the text comes from and how it becomes fixed-length training blocks."""
+
+    source: Literal["embedded", "files", "hub"] = Field(
+        "embedded", description="embedded corpus, local files, or a dataset name for `datasets.load_dataset`"
+    )
+    train_files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.csv/.parquet files")
+    validation_files: list[str] = Field(default_factory=list, description="validation files; empty -> carve by ratio")
+    test_files: list[str] = Field(default_factory=list, description="test files; empty -> carve by ratio")
+    hub_name: str | None = Field(None, description="dataset name (or path) for `datasets.load_dataset`")
+    hub_config: str | None = Field(None, description="dataset configuration name, if the dataset has several")
+    text_column: str = Field("text", min_length=1, description="column holding the documents")
+    split_ratios: tuple[float, float, float] = Field(
+        (0.9, 0.05, 0.05), description="train/validation/test fractions used when splits are carved from one set"
+    )
+    split_seed: int = Field(0, description="seed of the carve, so the splits are the same on every run")
+    block_size: int = Field(128, ge=8, le=65536, description="tokens per training block (documents packed, EOS between)")
+    scrub_pii: bool = Field(False, description="replace e-mails, phones, card and national ID numbers before tokenising")
+    embedded: EmbeddedCorpus = Field(default_factory=EmbeddedCorpus)
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class TinyArch(Strict):
+    """A GPT-2-style architecture built from a config (no pretrained weights): the embedded default."""
+
+    n_layer: int = Field(2, ge=1)
+    n_embd: int = Field(64, ge=8)
+    n_head: int = Field(2, ge=1)
+    vocab_size: int = Field(512, ge=260, description="size of the byte-level BPE vocabulary trained on the train split")
+
+
+class ModelConfig(Strict):
+    """The base model: a hub id or local directory for `from_pretrained`, or a tiny GPT-2 built from `arch`."""
+
+    name_or_path: str | None = Field(None, description="hub id (e.g. 'gpt2') or local model directory; None -> arch")
+    arch: TinyArch = Field(default_factory=TinyArch)
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="residual/attention/embedding dropout; None keeps the model's own"
+    )
+    train_top_n_blocks: int | None = Field(
+        None, ge=0, description="freeze all but the top N transformer blocks (+ final norm); None trains everything"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+
+
+# ------------------------------------------------------------------------------------- optimisation
+
+
+class OptimConfig(Strict):
+    """AdamW with decoupled weight decay (none on biases and norms), warmup then decay."""
+
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of lr")
+    max_steps: int = Field(300, ge=1, description="optimizer steps (each = micro_batch * grad_accum * workers blocks)")
+    micro_batch_size: int = Field(8, ge=1, description="blocks per worker per forward")
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 disables")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU"
+    )
+    seed: int = 0
+
+
+class ZeroConfig(Strict):
+    """DeepSpeed ZeRO: what is partitioned across workers and what is offloaded to host memory."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="optimizer state in CPU memory (DeepSpeedCPUAdam)")
+    offload_param: bool = Field(False, description="parameters in CPU memory (stage 3 only)")
+    overlap_comm: bool = Field(True, description="overlap gradient reduction with backward")
+
+
+class ScalingConfig(Strict):
+    """Ray Train workers: one DeepSpeed rank each."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="used when use_gpu")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+
+
+class EvalConfig(Strict):
+    """Periodic validation, early stopping and checkpoint retention."""
+
+    every_steps: int = Field(50, ge=1, description="validate (and checkpoint) every N optimizer steps")
+    max_batches: int | None = Field(None, ge=1, description="cap validation batches per worker; None = whole split")
+    patience: int | None = Field(5, ge=1, description="stop after N validations without improvement; None = never")
+    min_delta: float = Field(0.0, ge=0.0, description="improvement smaller than this does not count")
+    keep_top_k: int = Field(2, ge=1, description="checkpoints kept by lowest validation loss (latest is kept too)")
+    log_every: int = Field(10, ge=1, description="rank-0 progress line every N steps")
+
+
+class RunConfig(Strict):
+    """Names and storage: re-running the same name continues from its latest checkpoint."""
+
+    name: str = Field("tiny-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    storage_path: str = Field("~/aigc/runs", description="local folder, shared folder or object-store URI")
+    torch_extensions_dir: str = Field(
+        "~/.cache/aigc/torch_extensions", description="where DeepSpeed caches compiled ops (first build ~25 s)"
+    )
+    samples: int = Field(3, ge=0, description="generations printed from the fine-tuned model at the end")
+    evaluate: bool = Field(True, description="test perplexity of base and fine-tuned model after training")
+
+
+class FinetuneConfig(Strict):
+    """Everything one fine-tuning run needs; `jobs/finetune.py` loads it."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def problems(self) -> list[str]:
+        """Cross-field checks that no single field can make; each names the keys involved."""
+        out = []
+        d, z, m, o = self.data, self.zero, self.model, self.optim
+        if abs(sum(d.split_ratios) - 1.0) > 1e-6 or min(d.split_ratios) < 0:
+            out.append(f"data.split_ratios: must be three non-negative fractions summing to 1, got {d.split_ratios}")
+        if d.source == "files" and not d.train_files:
+            out.append("data.train_files: required when data.source is 'files'")
+        if d.source == "hub" and not d.hub_name:
+            out.append("data.hub_name: required when data.source is 'hub'")
+        if d.source != "files" and (d.train_files or d.validation_files or d.test_files):
+            out.append(f"data.train_files: files are given but data.source is '{d.source}'; set data.source=files")
+        if bool(d.validation_files) != bool(d.test_files):
+            out.append("data.validation_files: give both validation_files and test_files, or neither (carve by ratio)")
+        if z.offload_param and z.stage != 3:
+            out.append(f"zero.offload_param: needs zero.stage=3, got zero.stage={z.stage}")
+        if z.offload_optimizer and z.stage == 0:
+            out.append("zero.offload_optimizer: needs zero.stage >= 1")
+        if o.precision == "fp16" and not self.scaling.use_gpu:
+            out.append("optim.precision: fp16 needs scaling.use_gpu=true (CPU trains in fp32 or bf16)")
+        if m.name_or_path is None and m.arch.n_embd % m.arch.n_head:
+            out.append(f"model.arch.n_head: must divide model.arch.n_embd ({m.arch.n_embd} % {m.arch.n_head} != 0)")
+        if m.name_or_path is None and d.block_size > 4096:
+            out.append("data.block_size: the embedded tiny model supports at most 4096 positions")
+        if o.warmup_steps >= o.max_steps:
+            out.append(f"optim.warmup_steps: must be below optim.max_steps ({o.warmup_steps} >= {o.max_steps})")
+        if self.eval.every_steps > o.max_steps:
+            out.append(f"eval.every_steps: {self.eval.every_steps} > optim.max_steps={o.max_steps}: nothing would be validated")
+        return out
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+C = TypeVar("C", bound=Strict)
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """`a.b=value` strings -> nested dict; values parse as YAML scalars/lists (`lr=1e-3`, `files=[a,b]`)."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{item!r}: overrides look like section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: cannot parse value {raw!r}: {e}")
+            continue
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"{key}: conflicts with an earlier override of {part}")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `top` wins; neither input is modified."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "<root>"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key")
+        else:
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from a file; a missing file or a non-mapping document is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{p}: no such config file"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def build(model: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Validate a plain dict against `model`, raising one ConfigError with every problem."""
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e), source) from None
+    problems = cfg.problems() if hasattr(cfg, "problems") else []
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(model: type[C], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> C:
+    """Code defaults, then the YAML file, then `a.b=value` overrides; every problem reported at once."""
+    data = read_yaml(path) if path else {}
+    tree, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return build(model, deep_merge(data, tree), str(path or "config"))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML (what a run actually used)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def expand(path: str) -> str:
+    """`~` and env vars expanded; URIs (`s3://...`) untouched."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(os.path.expandvars(path)))

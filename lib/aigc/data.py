@@ -1,0 +1,265 @@
+"""Data: `datasets` loads and validates text on the driver; Ray Data scrubs, tokenises and packs it in a
+distributed map; each Train worker reads a disjoint, deterministic shard.
+
+Errors about the data (missing or empty file, wrong column, non-text values, too little text) are raised
+here, on the driver, before any worker starts, and name the file and the column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aigc.config import DataConfig
+
+SPLITS = ("train", "validation", "test")
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")  # what a packed block feeds the model
+# file suffix -> `datasets` builder
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file (or dataset) and the column."""
+
+
+@dataclass
+class Splits:
+    """Validated train/validation/test text, as `datasets.Dataset`s with one column: `text`."""
+
+    train: Any
+    validation: Any
+    test: Any
+    origin: dict[str, str] = field(default_factory=dict)  # split -> where it came from, for messages
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+def embedded_corpus_dir(cfg: DataConfig) -> Path:
+    """The embedded corpus is generated once per (seed, sizes) into the user's cache and then read as files."""
+    e = cfg.embedded
+    root = Path(os.path.expanduser("~/.cache/aigc/corpus"))
+    return root / f"seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
+
+
+def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
+    from aigc.corpus import write_corpus
+
+    out = embedded_corpus_dir(cfg)
+    paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        e = cfg.embedded
+        paths = write_corpus(out, n_train=e.n_train, n_validation=e.n_validation, n_test=e.n_test, seed=e.seed)
+    return paths
+
+
+def _load_file(path: str, column: str) -> Any:
+    """One local file as a single-column (`text`) Dataset, with every check that names the file."""
+    import datasets
+
+    p = Path(path).expanduser()
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {sorted(FORMATS)}")
+    if not p.is_file():
+        raise DataError(f"{path}: no such file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from None
+    col = "text" if fmt == "text" else column
+    return _text_column(ds, col, where=str(path))
+
+
+def _text_column(ds: Any, column: str, where: str) -> Any:
+    import datasets
+
+    if column not in ds.column_names:
+        raise DataError(f"{where}: no column {column!r} (data.text_column); columns are {ds.column_names}")
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(f"{where}: column {column!r} holds {feature}, not text")
+    nulls = sum(1 for v in ds[column] if v is None)
+    if nulls:
+        raise DataError(f"{where}: column {column!r} has {nulls} missing (null) values")
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{where}: column {column!r} has no non-empty text")
+    return ds
+
+
+def _concat(paths: list[str], column: str) -> Any:
+    import datasets
+
+    return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
+
+
+def _carve(ds: Any, ratios: tuple[float, float, float], seed: int, where: str) -> tuple[Any, Any, Any]:
+    """Split one dataset into train/validation/test by ratio with a fixed seed (same split every run)."""
+    n = len(ds)
+    n_val, n_test = round(n * ratios[1]), round(n * ratios[2])
+    if n - n_val - n_test < 1 or (ratios[1] > 0 and n_val < 1) or (ratios[2] > 0 and n_test < 1):
+        raise DataError(f"{where}: {n} documents are too few to carve splits {ratios} (data.split_ratios)")
+    shuffled = ds.shuffle(seed=seed)
+    return (
+        shuffled.select(range(n_val + n_test, n)),
+        shuffled.select(range(n_val)),
+        shuffled.select(range(n_val, n_val + n_test)),
+    )
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Validated train/validation/test text from the embedded corpus, local files, or a hub dataset."""
+    if cfg.source == "hub":
+        import datasets
+
+        try:
+            dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
+        except Exception as e:
+            raise DataError(f"data.hub_name={cfg.hub_name!r}: cannot load: {type(e).__name__}: {e}") from None
+        where = f"dataset {cfg.hub_name!r}"
+        parts = {s: _text_column(dd[s], cfg.text_column, f"{where} split {s!r}") for s in SPLITS if s in dd}
+        if "train" not in parts:
+            raise DataError(f"{where}: has no 'train' split (splits: {list(dd)})")
+        if len(parts) < 3:
+            parts = dict(zip(SPLITS, _carve(parts["train"], cfg.split_ratios, cfg.split_seed, where), strict=True))
+        return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
+
+    if cfg.source == "embedded":
+        files = {s: [p] for s, p in ensure_embedded_corpus(cfg).items()}
+        column = "text"
+    else:
+        files = {"train": cfg.train_files, "validation": cfg.validation_files, "test": cfg.test_files}
+        column = cfg.text_column
+    origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}" for s in SPLITS}
+    train = _concat(files["train"], column)
+    if files["validation"]:
+        return Splits(train, _concat(files["validation"], column), _concat(files["test"], column), origin)
+    return Splits(*_carve(train, cfg.split_ratios, cfg.split_seed, origin["train"]), origin=origin)
+
+
+# ----------------------------------------------------------------------------------- tokenise + pack
+
+
+def pack_ids(docs: list[list[int]], eos_id: int, block_size: int) -> dict[str, np.ndarray]:
+    """Concatenate documents with EOS between them and cut into `block_size` blocks.
+
+    Labels equal the inputs (the model shifts them); the tail that does not fill a block is kept as one
+    padded block whose padding is masked with -100 in the labels and 0 in the attention mask, so no text is
+    dropped and no padding is learned.
+    """
+    stream: list[int] = []
+    for ids in docs:
+        stream.extend(ids)
+        stream.append(eos_id)
+    n_full, tail = divmod(len(stream), block_size)
+    n_blocks = n_full + (1 if tail > 1 else 0)  # a 1-token tail has nothing to predict
+    input_ids = np.full((n_blocks, block_size), eos_id, dtype=np.int64)
+    labels = np.full((n_blocks, block_size), -100, dtype=np.int64)
+    mask = np.zeros((n_blocks, block_size), dtype=np.int64)
+    for b in range(n_blocks):
+        chunk = stream[b * block_size:(b + 1) * block_size]
+        input_ids[b, :len(chunk)] = chunk
+        labels[b, :len(chunk)] = chunk
+        mask[b, :len(chunk)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "n_tokens": mask.sum(axis=1)}
+
+
+def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[dict], dict]:
+    """The Ray Data map function: (optional PII scrub) -> tokenise -> pack. Ships the tokenizer by value."""
+
+    def pack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        counts: dict[str, int] = {}
+        if scrub_pii:
+            from aigc.pii import scrub_batch
+
+            texts, counter = scrub_batch(texts)
+            counts = dict(counter)
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out = pack_ids(ids, tokenizer.eos_token_id, block_size)
+        # per-batch PII counts ride on the first block so the driver can sum them without a second pass
+        for kind in ("email", "phone", "card", "national_id"):
+            col = np.zeros(len(out["input_ids"]), dtype=np.int64)
+            if len(col):
+                col[0] = counts.get(kind, 0)
+            out[f"pii_{kind}"] = col
+        return out
+
+    return pack
+
+
+@dataclass
+class PackedData:
+    datasets: dict[str, Any]  # split -> materialized ray.data.Dataset of blocks
+    blocks: dict[str, int]
+    tokens: dict[str, int]
+    pii: dict[str, int]
+
+
+def to_ray(ds: Any, docs_per_block: int) -> Any:
+    """A `datasets.Dataset` as a Ray Dataset of several Arrow blocks (so the map runs in parallel tasks).
+
+    `ray.data.from_huggingface` re-resolves the dataset's source files inside the Ray workers; handing over
+    the Arrow table the driver already validated is both faster and exactly what was checked.
+    """
+    import ray.data
+
+    table = ds.flatten_indices().data.table
+    return ray.data.from_arrow([table.slice(i, docs_per_block) for i in range(0, max(len(table), 1), docs_per_block)])
+
+
+def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataConfig, docs_per_batch: int = 1000) -> PackedData:
+    """Tokenise and pack every split with a distributed Ray Data map, materialise, and check the sizes."""
+    from ray.data.aggregate import Count, Sum
+
+    pack = make_packer(tokenizer, cfg.block_size, cfg.scrub_pii)
+    kinds = ("email", "phone", "card", "national_id")
+    out, blocks, tokens, pii = {}, {}, {}, dict.fromkeys(kinds, 0)
+    for name in SPLITS:
+        ds = to_ray(splits[name], docs_per_batch).map_batches(pack, batch_size=None, batch_format="numpy").materialize()
+        stats = ds.aggregate(Count(), Sum("n_tokens"), *(Sum(f"pii_{k}") for k in kinds))  # one pass
+        blocks[name], tokens[name] = int(stats["count()"]), int(stats["sum(n_tokens)"] or 0)
+        for k in kinds:
+            pii[k] += int(stats[f"sum(pii_{k})"] or 0)
+        if name == "train" and tokens[name] <= cfg.block_size:
+            raise DataError(
+                f"{splits.origin.get(name, name)}: split {name!r} has {tokens[name]} tokens, fewer than one "
+                f"block (data.block_size={cfg.block_size})"
+            )
+        if tokens[name] < 2:
+            raise DataError(f"{splits.origin.get(name, name)}: split {name!r} has no text to evaluate on")
+        out[name] = ds
+    return PackedData(out, blocks, tokens, pii)
+
+
+def shard_datasets(packed: PackedData, world_size: int, names: tuple[str, ...] = ("train", "validation")) -> dict:
+    """Disjoint, equal and *deterministic* per-rank shards, cut on the driver: `{"train_0": ..., ...}`.
+
+    Ray's default `streaming_split` hands blocks to whichever worker asks first (a resumed run could see a
+    different order), and any split made once the workers hold every CPU needs tasks that cannot be
+    scheduled. `Dataset.split(equal=True)` on the materialised blocks, here, fixes the assignment, which
+    makes 'skip the batches already seen this epoch' an exact resume.
+    """
+    out = {}
+    for name in names:
+        for rank, shard in enumerate(packed.datasets[name].split(world_size, equal=True)):
+            out[f"{name}_{rank}"] = shard
+    return out
+
+
+def make_data_config() -> Any:
+    """Every worker reads only the shard named after its rank, so Ray must not split anything again."""
+    from ray.train import DataConfig as RayDataConfig
+
+    return RayDataConfig(datasets_to_split=[])

@@ -1,0 +1,265 @@
+"""The fine-tuning driver: config -> data -> TorchTrainer(DeepSpeed) -> exported model directories -> evaluation.
+
+Used by `jobs/finetune.py` and, once per trial, by the search. Everything that can be checked is checked on
+the driver before a Train worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aigc.config import FinetuneConfig, expand, to_yaml
+from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
+from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
+
+BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: str
+    best_dir: str | None
+    final_dir: str | None
+    metrics: dict[str, Any]  # last reported training metrics
+    best_metrics: dict[str, Any]
+    evaluation: dict[str, Any] = field(default_factory=dict)  # {"base": {...}, "finetuned": {...}}
+    data: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`) or a running `ray start` head, else
+    start a local Ray. Token auth (Ray 2.60) is read from RAY_AUTH_MODE/RAY_AUTH_TOKEN by Ray itself."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
+
+
+def run_dir_of(cfg: FinetuneConfig) -> Path:
+    return Path(expand(cfg.run.storage_path)) / cfg.run.name
+
+
+def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
+    """The base model every worker loads: a hub id / local path as given, or for the embedded default a
+    tokenizer trained on the train split and a tiny GPT-2, saved once as a model directory (a resumed run
+    reuses it, so its tokenizer and initial weights stay identical)."""
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    from aigc.modeldir import ModelDirError, save_model_dir, verify_model_dir
+    from aigc.modeling import build_tiny_gpt2, train_tokenizer
+
+    base = run_dir / BASE_DIR
+    try:
+        verify_model_dir(base)
+        return str(base)
+    except ModelDirError:
+        pass
+    tok = train_tokenizer(iter(train_texts), cfg.model.arch.vocab_size)
+    model = build_tiny_gpt2(cfg.model.arch, len(tok), n_positions=max(cfg.data.block_size, 256),
+                            eos_token_id=tok.eos_token_id, seed=cfg.optim.seed)
+    save_model_dir(model, tok, base, config=cfg.model_dump(mode="json"), metrics={}, step=0, role="base")
+    return str(base)
+
+
+def _check_sizes(cfg: FinetuneConfig, packed: PackedData, origin: dict[str, str]) -> None:
+    """Each worker needs at least one micro-batch of train blocks and one validation block."""
+    w, o = cfg.scaling.num_workers, cfg.optim
+    need = w * o.micro_batch_size * o.grad_accum
+    if packed.blocks["train"] < need:
+        raise DataError(
+            f"{origin['train']}: {packed.blocks['train']} train blocks of {cfg.data.block_size} tokens, but one "
+            f"optimizer step needs {need} (scaling.num_workers={w} x optim.micro_batch_size={o.micro_batch_size}"
+            f" x optim.grad_accum={o.grad_accum}); add data or lower data.block_size"
+        )
+    if packed.blocks["validation"] < w:
+        raise DataError(f"{origin['validation']}: {packed.blocks['validation']} validation blocks for {w} workers; "
+                        "each worker needs at least one")
+
+
+def _remote_options(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Resources of the export/eval tasks: a GPU when training used them, else one CPU."""
+    return {"num_cpus": 1, "num_gpus": 1 if cfg.scaling.use_gpu else 0}
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
+    """Consolidate a reported ZeRO checkpoint (any stage, offload or not) into the model directory format
+    with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from aigc.modeldir import save_model_dir
+
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
+    hf = os.path.join(ckpt_dir, HF_SUBDIR)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    save_model_dir(model, AutoTokenizer.from_pretrained(hf), out_dir, config=config, metrics=metrics,
+                   step=int(metrics.get("step", 0)), **extra)
+    return out_dir
+
+
+def _export_task(checkpoint: Any, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
+    with checkpoint.as_directory() as d:
+        return export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra)
+
+
+def _read_docs(path: str, limit: int = 1000) -> list[dict[str, Any]] | None:
+    """Test documents with their exact nats (embedded corpus files carry them); None for other data."""
+    docs = []
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            if "nats" not in d:
+                return None
+            docs.append({"text": d["text"], "nats": float(d["nats"])})
+            if len(docs) >= limit:
+                break
+    return docs
+
+
+def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None) -> FinetuneResult:
+    """Train, export best/final model directories, evaluate before/after; returns where everything is."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    splits = load_splits(cfg.data)
+    base = prepare_base(cfg, run_dir, splits.train["text"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")
+    packed = to_ray_blocks(splits, tokenizer, cfg.data)
+    _check_sizes(cfg, packed, splits.origin)
+    data_info = {"blocks": packed.blocks, "tokens": packed.tokens, "pii_scrubbed": packed.pii if cfg.data.scrub_pii else None,
+                 "origin": splits.origin}
+    print(f"[aigc] data: {json.dumps({k: v for k, v in data_info.items() if k != 'origin'})}", flush=True)
+
+    sc = cfg.scaling
+    worker_res = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base},
+        scaling_config=RayScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_res),
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=cfg.run.name,
+            storage_path=str(run_dir.parent) if "://" not in cfg.run.storage_path else cfg.run.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.eval.keep_top_k, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            callbacks=callbacks or None,
+        ),
+        datasets=shard_datasets(packed, sc.num_workers),
+        dataset_config=make_data_config(),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_dir}: training reported no checkpoint (error: {result.error})")
+
+    best_ckpt = result.get_best_checkpoint("val_loss", "min") or result.checkpoint
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best_ckpt.path), result.metrics)
+    final_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == result.checkpoint.path), result.metrics)
+    cfg_dict = cfg.model_dump(mode="json")
+    export = ray.remote(_export_task).options(**_remote_options(cfg))
+    best_dir, final_dir = str(run_dir / BEST_DIR), str(run_dir / FINAL_DIR)
+    ray.get([export.remote(best_ckpt, best_dir, cfg_dict, best_metrics, role="best", run=cfg.run.name),
+             export.remote(result.checkpoint, final_dir, cfg_dict, final_metrics, role="final", run=cfg.run.name)])
+    print(f"[aigc] exported best (step {best_metrics.get('step')}, val loss {best_metrics.get('val_loss'):.4f}) -> "
+          f"{best_dir}", flush=True)
+
+    out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics), data=data_info)
+    if cfg.run.evaluate:
+        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed, splits)
+        _record_evaluation(best_dir, out.evaluation)
+        print_comparison(out.evaluation)
+    if cfg.run.samples:
+        out.samples = sample_generations(best_dir, cfg.run.samples)
+        for s in out.samples:
+            print(f"[aigc] sample: {s['prompt']!r} -> {s['completion']!r}", flush=True)
+    (run_dir / "summary.json").write_text(json.dumps(asdict(out), indent=2, default=str))
+    return out
+
+
+def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData, splits: Any) -> dict:
+    """Test perplexity of the base and the fine-tuned model side by side, computed by one Ray task each."""
+    import ray
+
+    from aigc.evaluate import evaluate_model
+
+    docs = None
+    if cfg.data.source == "embedded":
+        from aigc.data import ensure_embedded_corpus
+
+        docs = _read_docs(ensure_embedded_corpus(cfg.data)["test"])
+    task = ray.remote(evaluate_model).options(**_remote_options(cfg))
+    base_is_aigc = os.path.isfile(os.path.join(base, "aigc.json"))
+    before, after = ray.get([task.remote(base, packed.datasets["test"], docs, base_is_aigc),
+                             task.remote(tuned, packed.datasets["test"], docs, True)])
+    return {"base": before, "finetuned": after}
+
+
+def _record_evaluation(model_dir: str, evaluation: dict) -> None:
+    """Add the before/after evaluation to the model directory's metadata (the weights are untouched)."""
+    from aigc.modeldir import METADATA, read_metadata
+
+    meta = read_metadata(model_dir)
+    meta["evaluation"] = evaluation
+    tmp = os.path.join(model_dir, f".{METADATA}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(model_dir, METADATA))
+
+
+def print_comparison(ev: dict) -> None:
+    b, a = ev["base"], ev["finetuned"]
+    rows = [("test loss (nats/token)", "test_loss", "{:.4f}"), ("test perplexity", "test_ppl", "{:.2f}"),
+            ("nats per document", "nats_per_doc", "{:.2f}"), ("x grammar entropy (1.0 = floor)", "entropy_ratio", "{:.3f}")]
+    print(f"[aigc] {'':34} {'base':>12} {'fine-tuned':>12}", flush=True)
+    for label, key, fmt in rows:
+        if key in b and key in a:
+            print(f"[aigc] {label:34} {fmt.format(b[key]):>12} {fmt.format(a[key]):>12}", flush=True)
+    if "true_nats_per_doc" in a:
+        print(f"[aigc] grammar entropy: {a['true_nats_per_doc']:.2f} nats per test document", flush=True)
+
+
+DEMO_PROMPTS = ["Introducing the", "Save", "Our new", "Limited time:", "Discover"]
+
+
+def sample_generations(model_dir: str, n: int, max_tokens: int = 40) -> list[dict[str, str]]:
+    """A few greedy-ish generations from a model directory through the shared generation path."""
+    from aigc.generation import SamplingParams, generate
+    from aigc.modeldir import load_model
+
+    loaded = load_model(model_dir)
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=0)
+    outs = generate(loaded.model, loaded.tokenizer, prompts, params)
+    return [{"prompt": p, "completion": o.text} for p, o in zip(prompts, outs, strict=True)]
+
+
+def clean_run(cfg: FinetuneConfig) -> None:
+    """Delete a run's folder (used to start a run of the same name from scratch)."""
+    shutil.rmtree(run_dir_of(cfg), ignore_errors=True)

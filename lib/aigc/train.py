@@ -1,0 +1,190 @@
+"""Ray Train + DeepSpeed ZeRO fine-tuning: a pure `train_loop_per_worker(config)` and the driver around it.
+
+Per worker: load the base model through the shared loader, apply dropout and freezing, `deepspeed.initialize`
+(ZeRO 1/2/3, optional CPU offload) on the process group Ray made, train on this worker's disjoint shard with
+periodic validation, early stopping and checkpoints (every rank saves its ZeRO shard, then
+`ray.train.report` merges them). Resume comes through `ray.train.get_checkpoint()`: model, optimizer,
+scheduler, step and the data position are restored exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from aigc.config import FinetuneConfig, expand
+from aigc.data import MODEL_COLUMNS
+
+CKPT_TAG = "ds"  # DeepSpeed tag inside every reported checkpoint: <ckpt>/ds/...
+HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export needs nothing else
+
+
+def print0(*args: Any) -> None:
+    """Log on rank 0 only (nanochat's print0)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        print(*args, flush=True)
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None) -> tuple[float, int]:
+    """Mean next-token loss over this worker's validation shard, reduced over all workers.
+
+    Every rank runs the same number of forwards (equal shards), which ZeRO-3's parameter gathering needs.
+    """
+    import torch
+
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=micro_batch, dtypes=torch.long)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: batch[k].to(engine.device) for k in MODEL_COLUMNS}
+            out = engine(**batch)
+            n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts positions 1..T-1
+            total += float(out.loss) * n
+            count += n
+    engine.train()
+    total, count = _all_reduce_sum([total, count], engine.device)
+    return total / max(count, 1), int(count)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
+    import deepspeed
+    import ray.train
+    import torch
+
+    from aigc.modeldir import load_model
+    from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
+    from aigc.zero import deepspeed_config, make_scheduler
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    o, ev = cfg.optim, cfg.eval
+    use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    torch.manual_seed(o.seed)
+
+    loaded = load_model(config["base"], require_metadata=False)
+    model, tokenizer = loaded.model.train(), loaded.tokenizer
+    set_dropout(model, cfg.model.dropout)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable, total = freeze_all_but_top(model, cfg.model.train_top_n_blocks)
+    bf16_ok = use_cuda and torch.cuda.is_bf16_supported()
+    ds_cfg = deepspeed_config(cfg, world, use_cuda, bf16_ok)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
+        lr_scheduler=make_scheduler(o),
+    )
+    print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {trainable:,}/{total:,} params trainable | "
+           f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | "
+           f"precision {'bf16' if ds_cfg['bf16']['enabled'] else 'fp16' if ds_cfg['fp16']['enabled'] else 'fp32'}")
+
+    # Everything needed to continue exactly where a checkpoint left off.
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "bad_evals": 0,
+             "tokens_seen": 0, "stopped_early": False}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+        state.update(client_state or {})
+        print0(f"[aigc] resumed from checkpoint at step {state['step']} (epoch {state['epoch']}, "
+               f"batch {state['batch_in_epoch']})")
+
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}")  # cut on the driver, see aigc.data.shard_datasets
+    val_shard = ray.train.get_dataset_shard(f"validation_{rank}")
+    last_reported = state["step"] if ckpt else -1
+
+    def checkpoint_and_report(train_loss: float, tokens_per_s: float, final: bool) -> None:
+        nonlocal last_reported
+        val_loss, _ = _validate(engine, val_shard, o.micro_batch_size, ev.max_batches)
+        if val_loss < state["best_val_loss"] - ev.min_delta:
+            state["best_val_loss"], state["bad_evals"] = val_loss, 0
+        else:
+            state["bad_evals"] += 1
+        if ev.patience is not None and state["bad_evals"] >= ev.patience:
+            state["stopped_early"] = True
+        metrics = {
+            "step": state["step"], "epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)), "best_val_loss": state["best_val_loss"],
+            "lr": scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"], "tokens_per_s": tokens_per_s,
+            "stopped_early": state["stopped_early"], "done": final or state["stopped_early"],
+        }
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=CKPT_TAG, client_state=dict(state))  # every rank: its own shard files
+            if rank == 0:
+                engine.module.config.save_pretrained(os.path.join(d, HF_SUBDIR))
+                tokenizer.save_pretrained(os.path.join(d, HF_SUBDIR))
+                with open(os.path.join(d, "metrics.json"), "w") as f:
+                    json.dump(metrics, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        last_reported = state["step"]
+        print0(f"[aigc] step {state['step']:>6} | val loss {val_loss:.4f} | val ppl {metrics['val_ppl']:.2f} | "
+               f"best {state['best_val_loss']:.4f}" + (" | early stop" if state["stopped_early"] else ""))
+
+    t0, tokens0, step0 = time.time(), state["tokens_seen"], state["step"]
+    window_loss, window_n, train_loss = 0.0, 0, float("nan")
+    while state["step"] < o.max_steps and not state["stopped_early"]:
+        skip = state["batch_in_epoch"]
+        batches = train_shard.iter_torch_batches(
+            batch_size=o.micro_batch_size, drop_last=True, dtypes=torch.long,
+            local_shuffle_buffer_size=max(4 * o.micro_batch_size, 64), local_shuffle_seed=o.seed + state["epoch"],
+        )
+        for i, batch in enumerate(batches):
+            if i < skip:  # exact resume: the shard and its shuffle are deterministic, so skip what was seen
+                continue
+            batch = {k: batch[k].to(engine.device) for k in MODEL_COLUMNS}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            state["batch_in_epoch"] = i + 1
+            state["tokens_seen"] += int(batch["attention_mask"].sum()) * world  # equal shards: same on every rank
+            window_loss += float(loss.detach())
+            window_n += 1
+            if engine.global_steps == state["step"]:
+                continue  # inside a gradient-accumulation window
+            state["step"] = engine.global_steps
+            step = state["step"]
+            if step % ev.log_every == 0 or step == o.max_steps:
+                train_loss = _all_reduce_sum([window_loss / window_n], engine.device)[0] / world
+                window_loss, window_n = 0.0, 0
+                elapsed = time.time() - t0
+                tps = (state["tokens_seen"] - tokens0) / max(elapsed, 1e-9)
+                eta = elapsed / max(step - step0, 1) * (o.max_steps - step)
+                print0(f"[aigc] step {step:>6}/{o.max_steps} | loss {train_loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e}"
+                       f" | {tps / 1e3:.1f}k tok/s | eta {_fmt_secs(eta)}")
+            if step % ev.every_steps == 0 or step == o.max_steps:
+                tps = (state["tokens_seen"] - tokens0) / max(time.time() - t0, 1e-9)
+                checkpoint_and_report(train_loss, tps, final=step == o.max_steps)
+            if step >= o.max_steps or state["stopped_early"]:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            continue
+        break
+    if last_reported != state["step"]:  # ended between validations (e.g. max_steps not a multiple)
+        checkpoint_and_report(train_loss, 0.0, final=True)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a real local Ray cluster per module, a tiny exported model, and clean-up of global state."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# DeepSpeed picks its CPU accelerator by itself; saying so silences the warning. Compiled ops are cached
+# across runs (the first build takes ~25 s).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/torch_extensions"))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray cluster with the 2 CPUs this machine has (never one started by `ray start`)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ctx
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    yield
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An exported aigc model directory: tokenizer trained on the embedded corpus, tiny random GPT-2."""
+    from aigc.config import TinyArch
+    from aigc.corpus import generate
+    from aigc.modeldir import save_model_dir
+    from aigc.modeling import build_tiny_gpt2, train_tokenizer
+
+    texts = [d["text"] for d in generate(300, seed=1)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    model = build_tiny_gpt2(TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300), len(tok), 128, tok.eos_token_id)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return save_model_dir(model, tok, out, config={"test": True}, metrics={}, step=0)

@@ -1,0 +1,430 @@
+"""The Serve app on a real local Ray, called over real HTTP with the official `openai` client.
+
+One app is deployed for the module (tests run in file order and share it): completions and streaming
+match the shared generation path token for token, bad requests get their 4xx while good ones keep
+working, metrics reach Ray's endpoint, load drives replicas 1 -> 2 -> 1, a killed replica is
+replaced, a new model replaces the old with no failed request, and overload is a quick 503.
+"""
+
+import importlib.util
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.integration
+
+APP, DEPLOYMENT, KEY, NAME = "aigc", "Model", "test-key", "tiny"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MOD_PROMPT = "Save big on"  # its greedy output holds a blocked term (see `served`); no other test uses it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(model_dir, blocked: str, **over):
+    args = {
+        "model_dir": str(model_dir),
+        "model_name": NAME,
+        "num_cpus": 0.5,  # two replicas (and a surge replica) fit the fixture's 2 CPUs
+        "api_keys": [KEY],
+        "limits": {"max_tokens": 64, "max_body_bytes": 4096, "max_prompt_chars": 2000},
+        "batching": {"max_batch_size": 8},
+        "max_ongoing_requests": 8,
+        "graceful_shutdown_timeout_s": 10,
+        "health_check_period_s": 2,
+        "autoscaling": {
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+            "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5,
+        },
+        "moderation": {"blocked_terms": ["forbiddenword", blocked]},
+    }
+    for key, value in over.items():
+        node = args
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return args
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from aigc.modeldir import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_model_dir, lm):
+    from ray import serve
+
+    from aigc.generation import SamplingParams, generate
+    from aigc.serving import build_app
+
+    # the output moderation test needs a term the model will produce: part of a greedy continuation
+    # (the random tiny model repeats itself, e.g. " onPPPPPP...", so 4 characters are distinctive)
+    greedy = generate(lm.model, lm.tokenizer, [MOD_PROMPT], SamplingParams(temperature=0, max_tokens=24))[0].text
+    blocked = greedy[4:8]
+    assert len(blocked) == 4 and blocked.isprintable() and "\ufffd" not in blocked, greedy
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(_args(tiny_model_dir, blocked)), name=APP, route_prefix="/")
+    # tests that redeploy record the model they left behind in "model_dir"
+    yield {"url": f"http://127.0.0.1:{port}", "blocked": blocked, "greedy": greedy, "model_dir": tiny_model_dir}
+    serve.delete(APP)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _post(served, body, headers=AUTH, raw=None, timeout=60):
+    data = raw if raw is not None else json.dumps(body)
+    return requests.post(served["url"] + "/v1/completions", data=data, headers=headers, timeout=timeout)
+
+
+def _replicas() -> Counter:
+    from ray import serve
+
+    st = serve.status().applications[APP].deployments[DEPLOYMENT]
+    return Counter({str(k): v for k, v in st.replica_states.items()})
+
+
+def _replica_actors() -> list[dict]:
+    """Live replica actors of the app, by name (through the GCS: no dashboard needed)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#"
+    out = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "serve" and a["name"].startswith(prefix):
+            try:
+                handle = ray.get_actor(a["name"], namespace="serve")
+            except ValueError:  # died between the listing and the lookup
+                continue
+            out.append({"id": handle._actor_id.hex(), "name": a["name"]})
+    return out
+
+
+def _expected(lm, served, prompt, params):
+    from aigc.generation import generate
+
+    out = generate(lm.model, lm.tokenizer, [prompt], params)[0]
+    assert served["blocked"] not in out.text  # else moderation, not sampling, would decide the answer
+    return out
+
+
+# ------------------------------------------------------------------------------------------ contract
+
+
+def test_models_and_readiness(served, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    r = requests.get(served["url"] + "/ready", timeout=30)
+    assert r.status_code == 200 and r.json()["generated_tokens"] == 1 and r.json()["model"] == NAME
+
+
+def test_completions_match_the_shared_generation_path(served, client, lm):
+    from aigc.generation import SamplingParams
+
+    cases = [
+        ("Introducing the", SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_tokens=20, seed=7)),
+        ("Say hello to the", SamplingParams(temperature=0, max_tokens=12)),
+        ("Our new", SamplingParams(temperature=1.2, max_tokens=30, seed=123)),
+    ]
+    for prompt, p in cases:
+        want = _expected(lm, served, prompt, p)
+        got = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+            seed=p.seed, extra_body={"top_k": p.top_k, "return_token_ids": True},
+        )
+        choice = got.choices[0]
+        assert choice.model_extra["token_ids"] == want.token_ids
+        assert choice.text == want.text and choice.finish_reason == want.finish_reason
+        assert got.usage.prompt_tokens == want.prompt_tokens
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert got.model == NAME and got.system_fingerprint.startswith("fp_")
+
+
+def test_stop_strings_and_prompt_lists(served, client, lm):
+    from aigc.generation import SamplingParams
+
+    full = _expected(lm, served, "Discover the", SamplingParams(temperature=0, max_tokens=30))
+    stop = full.text[5:8]
+    want = _expected(lm, served, "Discover the", SamplingParams(temperature=0, max_tokens=30, stop=[stop]))
+    got = client.completions.create(model=NAME, prompt="Discover the", max_tokens=30, temperature=0, stop=stop)
+    assert got.choices[0].text == want.text == full.text[: full.text.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+    # a list of prompts: one choice each, in order
+    got = client.completions.create(model=NAME, prompt=["Discover the", "Our new"], max_tokens=30, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1] and got.choices[0].text == full.text
+
+
+def test_streaming_matches_non_streaming(served, client, lm):
+    from aigc.generation import SamplingParams
+
+    want = _expected(lm, served, "Limited time:", SamplingParams(temperature=1.0, max_tokens=25, seed=42))
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt="Limited time:", max_tokens=25, temperature=1.0, seed=42, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == want.text
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1]) and len(text_chunks) > 5
+    assert chunks[-1].usage.completion_tokens == 25
+    # on the wire: server-sent events that end with [DONE]
+    r = _post(served, {"model": NAME, "prompt": "Save", "max_tokens": 5, "stream": True})
+    events = [line for line in r.text.split("\n\n") if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_moderation_answers_content_filter(served, client):
+    blocked_prompt = client.completions.create(model=NAME, prompt="say ForbiddenWord now", max_tokens=5)
+    assert blocked_prompt.choices[0].finish_reason == "content_filter" and blocked_prompt.choices[0].text == ""
+    assert blocked_prompt.usage.completion_tokens == 0
+    # the greedy continuation of MOD_PROMPT contains the other blocked term: output stops before it
+    out = client.completions.create(model=NAME, prompt=MOD_PROMPT, max_tokens=24, temperature=0)
+    assert out.choices[0].finish_reason == "content_filter"
+    assert served["blocked"] not in out.choices[0].text
+    assert served["greedy"].startswith(out.choices[0].text)
+    chunks = list(client.completions.create(model=NAME, prompt=MOD_PROMPT, max_tokens=24, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert served["blocked"] not in "".join(c.choices[0].text for c in chunks)
+
+
+BAD = [
+    # (name, body or raw bytes, headers, status, the field the message must name)
+    ("invalid json", b'{"model": "tiny", "prompt": ', AUTH, 400, "body"),
+    ("not an object", b"[1, 2]", AUTH, 400, "body"),
+    ("prompt of wrong type", {"model": NAME, "prompt": 5}, AUTH, 400, "prompt"),
+    ("temperature of wrong type", {"model": NAME, "prompt": "a", "temperature": "hot"}, AUTH, 400, "temperature"),
+    ("max_tokens of wrong type", {"model": NAME, "prompt": "a", "max_tokens": 2.5}, AUTH, 400, "max_tokens"),
+    ("unknown model", {"model": "gpt-9", "prompt": "a"}, AUTH, 404, "model"),
+    ("missing model", {"prompt": "a"}, AUTH, 400, "model"),
+    ("negative temperature", {"model": NAME, "prompt": "a", "temperature": -0.5}, AUTH, 400, "temperature"),
+    ("top_p zero", {"model": NAME, "prompt": "a", "top_p": 0}, AUTH, 400, "top_p"),
+    ("top_p above one", {"model": NAME, "prompt": "a", "top_p": 1.5}, AUTH, 400, "top_p"),
+    ("max_tokens over the cap", {"model": NAME, "prompt": "a", "max_tokens": 65}, AUTH, 400, "max_tokens"),
+    ("five stop strings", {"model": NAME, "prompt": "a", "stop": list("abcde")}, AUTH, 400, "stop"),
+    ("empty prompt", {"model": NAME, "prompt": ""}, AUTH, 400, "prompt"),
+    ("too many prompt tokens", {"model": NAME, "prompt": "the " * 300}, AUTH, 400, "prompt"),
+    ("too many prompt chars", {"model": NAME, "prompt": "x" * 2001}, AUTH, 400, "prompt"),
+    ("prompt + max_tokens over the context", {"model": NAME, "prompt": "the " * 100, "max_tokens": 64}, AUTH, 400,
+     "max_tokens"),
+    ("unknown field", {"model": NAME, "prompt": "a", "temprature": 1}, AUTH, 400, "temprature"),
+    ("unsupported n", {"model": NAME, "prompt": "a", "n": 3}, AUTH, 400, "n"),
+    ("body too large", {"model": NAME, "prompt": "a" * 5000}, AUTH, 413, "body"),
+    ("no API key", {"model": NAME, "prompt": "a"}, {}, 401, "API key"),
+    ("wrong API key", {"model": NAME, "prompt": "a"}, {"Authorization": "Bearer nope"}, 401, "API key"),
+]
+
+
+@pytest.mark.parametrize("name, body, headers, status, field", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_4xx_and_the_server_keeps_serving(served, name, body, headers, status, field):
+    raw = body if isinstance(body, bytes) else None
+    r = _post(served, None if raw else body, headers=headers, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert field in err["message"] and err["type"] == "invalid_request_error"
+    if status != 401:
+        assert err["param"] == field
+    ok = _post(served, {"model": NAME, "prompt": "Save", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_prompts_are_not_logged(served, ray_local):
+    import ray
+
+    marker = "zebra-quartz-unlogged"
+    rid = _post(served, {"model": NAME, "prompt": f"Save {marker}", "max_tokens": 2}).json()["id"]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.time() + 20
+    while time.time() < deadline:  # the request's own log line shows we read the right files
+        text = "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err"))
+        if rid in text:
+            break
+        time.sleep(1)
+    assert rid in text and marker not in text
+
+
+def test_metrics_reach_rays_endpoint(served, ray_local):
+    port = ray_local.address_info["metrics_export_port"]
+    want = ['ray_aigc_requests_total{', 'code="200"', 'code="400"', "ray_aigc_completion_tokens_total",
+            "ray_aigc_prompt_tokens_total", "ray_aigc_request_latency_s_bucket", "ray_aigc_errors_total",
+            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_batch_size_bucket"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want):
+            break
+        time.sleep(2)
+    missing = [w for w in want if w not in text]
+    assert not missing, missing
+    ok = [line for line in text.splitlines() if line.startswith("ray_aigc_requests_total{") and 'code="200"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in ok) >= 10
+
+
+# ------------------------------------------------------------------------------------- scale and fail
+
+
+class Load:
+    """`n` client threads sending completions until stopped (each bounded in count and time)."""
+
+    def __init__(self, served, n: int, max_tokens: int, max_requests: int = 400):
+        self.served, self.stop, self.codes, self.fingerprints = served, threading.Event(), Counter(), []
+        body = {"model": NAME, "prompt": "Introducing the", "max_tokens": max_tokens}
+        self.threads = [threading.Thread(target=self._run, args=(body, max_requests), daemon=True) for _ in range(n)]
+
+    def _run(self, body, max_requests):
+        with requests.Session() as s:
+            for _ in range(max_requests):
+                if self.stop.is_set():
+                    return
+                try:
+                    r = s.post(self.served["url"] + "/v1/completions", json=body, headers=AUTH, timeout=60)
+                    self.codes[r.status_code] += 1
+                    if r.status_code == 200:
+                        self.fingerprints.append(r.json()["system_fingerprint"])
+                except requests.RequestException as e:
+                    self.codes[type(e).__name__] += 1
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+def _wait_for(cond, timeout: float, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_load_scales_replicas_up_to_two_and_back_to_one(served):
+    assert _wait_for(lambda: _replicas().get("RUNNING") == 1, 30)
+    with Load(served, n=8, max_tokens=48) as load:
+        scaled_up = _wait_for(lambda: _replicas().get("RUNNING") == 2, 90)
+        time.sleep(2)  # a few requests on both replicas
+    assert scaled_up, f"never reached 2 replicas: {_replicas()}"
+    assert set(load.codes) == {200} and load.codes[200] > 8
+    assert _wait_for(lambda: _replicas().get("RUNNING") == 1 and sum(_replicas().values()) == 1, 90), _replicas()
+
+
+def test_a_killed_replica_is_replaced(served):
+    import ray
+
+    before = _replica_actors()
+    assert len(before) == 1
+    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
+
+    def replaced():
+        now = _replica_actors()
+        return len(now) == 1 and now[0]["id"] != before[0]["id"] and _replicas().get("RUNNING") == 1
+
+    assert _wait_for(replaced, 90), (before, _replica_actors(), _replicas())
+    codes = [_post(served, {"model": NAME, "prompt": "Save", "max_tokens": 4}).status_code for _ in range(5)]
+    assert codes == [200] * 5
+
+
+def test_redeploying_a_new_model_loses_no_request(served, tiny_model_dir, lm, tmp_path):
+    import torch
+    from ray import serve
+
+    from aigc.modeldir import save_model_dir
+    from aigc.serving import build_app
+
+    with torch.no_grad():  # "the new winner": the same architecture with different weights
+        new = type(lm.model)(lm.model.config)
+        new.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in lm.model.state_dict().items()})
+    new_dir = save_model_dir(new, lm.tokenizer, tmp_path / "winner2", config={"test": True}, metrics={}, step=1)
+    old_fp = _post(served, {"model": NAME, "prompt": "Save", "max_tokens": 1}).json()["system_fingerprint"]
+    with Load(served, n=3, max_tokens=16) as load:
+        _wait_for(lambda: len(load.fingerprints) >= 5, 30)
+        serve.run(build_app(_args(new_dir, served["blocked"])), name=APP, route_prefix="/")
+        served["model_dir"] = new_dir
+
+        def only_new_answers() -> bool:
+            last = load.fingerprints[-6:]
+            return len(last) == 6 and old_fp not in last
+
+        switched = _wait_for(only_new_answers, 60)
+    assert switched, Counter(load.fingerprints)
+    assert set(load.codes) == {200}, load.codes  # not one failed request across the switch
+    assert old_fp in load.fingerprints and load.fingerprints[-1] != old_fp
+    assert _wait_for(lambda: sum(_replicas().values()) == _replicas().get("RUNNING", 0) == 1, 60), _replicas()
+
+
+def test_overload_is_a_quick_503(served):
+    from ray import serve
+
+    from aigc.serving import build_app
+
+    # Serve options only (a lightweight update: the replica keeps running): 1 replica holding
+    # 2 requests, 2 more may wait at the proxy, the rest are refused at once
+    tight = _args(served["model_dir"], served["blocked"], max_ongoing_requests=2, max_queued_requests=2,
+                  **{"autoscaling.max_replicas": 1})
+    serve.run(build_app(tight), name=APP, route_prefix="/")
+    results: list[tuple[int, float]] = []
+
+    def one():
+        t0 = time.perf_counter()
+        r = _post(served, {"model": NAME, "prompt": "Introducing the", "max_tokens": 64, "temperature": 1.0})
+        results.append((r.status_code, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    codes = Counter(code for code, _ in results)
+    assert codes[503] >= 4 and codes[200] >= 2 and set(codes) <= {200, 503}, codes
+    slowest_ok = max(s for c, s in results if c == 200)
+    assert all(s < slowest_ok for c, s in results if c == 503)  # refused before any answer finished
+    assert _post(served, {"model": NAME, "prompt": "Save", "max_tokens": 3}).status_code == 200
+
+
+def test_shipped_serve_config_is_valid(tiny_model_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    from aigc.serving import DEPLOYMENT as name
+    from aigc.serving import ServeArgs, app_builder, parse_args
+
+    path = Path(__file__).parents[2] / "serve" / "config.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = config.applications[0]
+    assert app.import_path == "aigc.serving:app_builder"
+    args = parse_args({**app.args, "model_dir": str(tiny_model_dir)})
+    assert isinstance(args, ServeArgs) and [d.name for d in app.deployments] == [name]
+    d = app.deployments[0]
+    assert d.max_queued_requests > 0 and d.autoscaling_config["max_replicas"] >= d.autoscaling_config["min_replicas"]
+    assert d.ray_actor_options.num_gpus == 0 and d.max_surge_percent == 100
+    # the thin entry point (serve run serve.app:app_builder) re-exports the same builder
+    spec = importlib.util.spec_from_file_location("serve_app", path.parent / "app.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.app_builder is app_builder

@@ -1,0 +1,268 @@
+"""The one generation path: validation, per-row sampling, batch-independent seeds, stops, KV cache."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from aigc.generation import GenerationError, SamplingParams, generate, max_positions, stream_generate
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from aigc.modeldir import load_model
+
+    torch.set_num_threads(1)
+    return load_model(tiny_model_dir)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("top_k", -1),
+        ("max_tokens", 0),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", [""]),
+        ("seed", -1),
+        ("temperature", "hot"),
+        ("colour", "red"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(**{field: value})
+    assert [err["loc"][0] for err in e.value.errors()] == [field]
+
+
+def test_sampling_defaults_and_stop_forms():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop, p.seed) == (1.0, 1.0, 0, 16, [], None)
+    assert SamplingParams(stop="END").stop == ["END"]
+    assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(top_p=1.0, temperature=0).top_p == 1.0
+
+
+def test_empty_and_too_long_prompts_are_refused(lm):
+    with pytest.raises(GenerationError) as e:
+        generate(lm.model, lm.tokenizer, [""], GREEDY)
+    assert e.value.param == "prompt"
+    ctx = max_positions(lm.model)
+    with pytest.raises(GenerationError) as e:
+        generate(lm.model, lm.tokenizer, ["ok", [5] * ctx], GREEDY)
+    assert e.value.param == "prompt[1]" and str(ctx) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ decode exactness
+
+
+def test_greedy_equals_argmax_of_full_forward(lm):
+    prompt = "Introducing the"
+    out = generate(lm.model, lm.tokenizer, [prompt], GREEDY)[0]
+    ids = lm.tokenizer.encode(prompt)
+    assert out.prompt_tokens == len(ids) and len(out.token_ids) == 12 and out.finish_reason == "length"
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids + out.token_ids])).logits[0]
+    # the token after position t is the argmax of the logits at t (no cache, one full forward)
+    expected = logits[len(ids) - 1 : -1].argmax(-1).tolist()
+    assert out.token_ids == expected
+    assert out.text == lm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_kv_cache_steps_match_full_forward_in_a_padded_batch(lm):
+    prompts = ["Save", "Our new noise-cancelling headphones are here with"]
+    stream = stream_generate(lm.model, lm.tokenizer, prompts, SamplingParams(temperature=0, max_tokens=6))
+    step_logits = []
+    for _ in stream:
+        step_logits.append({row: logits.clone() for row, logits in stream.last_logits.items()})
+    outs = stream.completions()
+    for row, prompt in enumerate(prompts):
+        ids = lm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            full = lm.model(torch.tensor([ids + outs[row].token_ids])).logits[0]
+        for step, cached in enumerate(step_logits):
+            # row 0 is left-padded by many tokens: the mask and position ids must make that invisible
+            torch.testing.assert_close(cached[row], full[len(ids) - 1 + step], atol=1e-4, rtol=1e-4)
+    assert len(step_logits) == 6
+
+
+# ----------------------------------------------------------------------------------- per-row sampling
+
+
+def test_seeded_row_is_independent_of_its_batch_company(lm):
+    mine = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=1234)
+    alone = generate(lm.model, lm.tokenizer, ["Limited time:"], mine)[0]
+    company = [
+        ("A much longer prompt about a water-resistant shell and studio-quality sound", SamplingParams(seed=1)),
+        ("Save", SamplingParams(temperature=0, max_tokens=3)),
+        ("Discover", SamplingParams(temperature=1.5, top_k=5)),  # random seed
+    ]
+    for position in (0, 2, 3):
+        rows = [p for p, _ in company]
+        params = [s for _, s in company]
+        rows.insert(position, "Limited time:")
+        params.insert(position, mine)
+        together = generate(lm.model, lm.tokenizer, rows, params)[position]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+    other_seed = generate(lm.model, lm.tokenizer, ["Limited time:"], mine.model_copy(update={"seed": 99}))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_per_row_params_in_one_batch(lm):
+    prompts = ["Introducing the"] * 4
+    params = [
+        SamplingParams(temperature=0, max_tokens=10),  # greedy
+        SamplingParams(temperature=1.0, top_k=1, max_tokens=10, seed=3),  # top_k=1 is greedy
+        SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, seed=4),  # a tiny nucleus is greedy
+        SamplingParams(temperature=1.0, max_tokens=3, seed=5),
+    ]
+    outs = generate(lm.model, lm.tokenizer, prompts, params)
+    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids
+    assert len(outs[0].token_ids) == 10 and len(outs[3].token_ids) == 3
+    assert [o.finish_reason for o in outs] == ["length"] * 4
+
+
+def test_top_k_limits_the_choice_to_the_k_most_likely(lm):
+    ids = lm.tokenizer.encode("Discover")
+    with torch.no_grad():
+        top3 = set(lm.model(torch.tensor([ids])).logits[0, -1].topk(3).indices.tolist())
+    firsts = {
+        generate(lm.model, lm.tokenizer, ["Discover"], SamplingParams(temperature=5.0, top_k=3, max_tokens=1, seed=s))[
+            0
+        ].token_ids[0]
+        for s in range(40)
+    }
+    assert firsts <= top3 and len(firsts) > 1
+
+
+# ------------------------------------------------------------------------------------- stops and ends
+
+
+def test_stop_string_cuts_the_text_and_is_never_streamed(lm):
+    base = generate(lm.model, lm.tokenizer, ["Introducing the"], SamplingParams(temperature=0, max_tokens=30))[0]
+    assert len(base.text) > 6
+    stop = base.text[3:6]
+    cut = base.text.index(stop)
+    params = SamplingParams(temperature=0, max_tokens=30, stop=["never-there", stop])
+    stream = stream_generate(lm.model, lm.tokenizer, ["Introducing the"], params)
+    pieces = [d for step in stream for d in step]
+    out = stream.completions()[0]
+    assert out.text == base.text[:cut] and out.finish_reason == "stop"
+    assert "".join(d.text for d in pieces) == out.text
+    assert all(stop not in d.text for d in pieces) and pieces[-1].finish_reason == "stop"
+    assert out.token_ids == base.token_ids[: len(out.token_ids)] and len(out.token_ids) < 30
+
+
+def test_streamed_deltas_add_up_to_the_completions(lm):
+    prompts = ["Our new", "Save big on"]
+    params = [SamplingParams(max_tokens=15, seed=1), SamplingParams(max_tokens=7, seed=2)]
+    stream = stream_generate(lm.model, lm.tokenizer, prompts, params)
+    texts, reasons = ["", ""], [None, None]
+    for step in stream:
+        for d in step:
+            assert reasons[d.row] is None  # nothing after a row's final delta
+            texts[d.row] += d.text
+            reasons[d.row] = d.finish_reason
+    outs = stream.completions()
+    assert texts == [o.text for o in outs] and reasons == ["length", "length"]
+    assert outs == generate(lm.model, lm.tokenizer, prompts, params)
+
+
+def test_eos_ends_a_row_with_stop(lm):
+    first = generate(lm.model, lm.tokenizer, ["Save"], SamplingParams(temperature=0, max_tokens=1))[0].token_ids[0]
+    cfg = lm.model.generation_config
+    saved = cfg.eos_token_id
+    cfg.eos_token_id = [first]  # pretend the model's next token is its end-of-sequence token
+    try:
+        out = generate(lm.model, lm.tokenizer, ["Save"], SamplingParams(temperature=0, max_tokens=5))[0]
+    finally:
+        cfg.eos_token_id = saved
+    assert (out.text, out.token_ids, out.finish_reason) == ("", [first], "stop")
+
+
+def test_max_tokens_is_capped_by_the_models_positions(lm):
+    ctx = max_positions(lm.model)
+    prompt = [7] * (ctx - 3)  # token ids pass through untouched
+    out = generate(lm.model, lm.tokenizer, [prompt], SamplingParams(temperature=0, max_tokens=50))[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_finish_ends_one_row_and_the_others_go_on(lm):
+    stream = stream_generate(lm.model, lm.tokenizer, ["Save", "Discover"], SamplingParams(temperature=0, max_tokens=8))
+    next(stream)
+    stream.finish(0, "cancelled")
+    rest = [d for step in stream for d in step]
+    outs = stream.completions()
+    assert outs[0].finish_reason == "cancelled" and len(outs[0].token_ids) == 1
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 8
+    assert outs[1] == generate(lm.model, lm.tokenizer, ["Discover"], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert [d.finish_reason for d in rest if d.row == 0] == ["cancelled"]
+
+
+# --------------------------------------------------------------------------------- continuous batching
+
+
+def _solo(lm, prompt, params):
+    return generate(lm.model, lm.tokenizer, [prompt], params)[0]
+
+
+def test_rows_joining_a_running_batch_match_their_solo_runs(lm):
+    from aigc.generation import BatchStream
+
+    first = ("Save", SamplingParams(temperature=1.0, max_tokens=20, seed=11))
+    later = [
+        # longer than the running cache: the running rows get left-padded
+        ("A much longer prompt about a water-resistant shell and studio-quality sound", SamplingParams(
+            temperature=0.9, top_k=30, max_tokens=12, seed=12)),
+        ("Our", SamplingParams(temperature=0, max_tokens=15)),  # shorter: the new row gets left-padded
+    ]
+    stream = BatchStream(lm.model, lm.tokenizer, max_batch_size=8)
+    [a] = stream.add([first[0]], [first[1]])
+    logits: dict[int, list[torch.Tensor]] = {}
+    for step in range(30):
+        if step == 5:
+            b, c = stream.add([p for p, _ in later], [s for _, s in later])
+            assert stream.waiting == 2
+        stream.step()
+        for row, lg in stream.last_logits.items():
+            logits.setdefault(row, []).append(lg.clone())
+        if step == 5:
+            assert stream.active == [a, b, c] and stream.waiting == 0
+    assert stream.idle()
+    outs = dict(zip([a, b, c], stream.completions(), strict=True))
+    for row, (prompt, params) in zip([a, b, c], [first, *later], strict=True):
+        solo = _solo(lm, prompt, params)
+        assert outs[row].token_ids == solo.token_ids and outs[row].text == solo.text
+        # and the joined KV cache gives the logits of a plain full forward, step by step
+        ids = lm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            full = lm.model(torch.tensor([ids + solo.token_ids])).logits[0]
+        for k, lg in enumerate(logits[row]):
+            torch.testing.assert_close(lg, full[len(ids) - 1 + k], atol=1e-4, rtol=1e-4)
+
+
+def test_max_batch_size_makes_rows_wait_and_finished_rows_are_dropped(lm):
+    from aigc.generation import BatchStream
+
+    prompts = ["Save", "Our new", "Discover", "Limited time:"]
+    params = [SamplingParams(max_tokens=n, seed=n) for n in (3, 6, 4, 5)]
+    stream = BatchStream(lm.model, lm.tokenizer, max_batch_size=2, keep_finished=False)
+    rows = stream.add(prompts, params)
+    stream.step()
+    assert stream.active == rows[:2] and stream.waiting == 2
+    finals = {}
+    while not stream.idle():
+        for d in stream.step():
+            assert len(stream.active) <= 2
+            if d.finish_reason:
+                finals[d.row] = d
+    for row, prompt, p in zip(rows, prompts, params, strict=True):
+        assert finals[row].token_ids == _solo(lm, prompt, p).token_ids
+    assert stream.rows == {}  # keep_finished=False: nothing left behind
