@@ -90,6 +90,8 @@ def _text_column(ds: Any, column: str, where: str) -> Any:
     if nulls:
         raise DataError(f"{where}: column {column!r} has {nulls} missing (null) values")
     ds = ds.select_columns([column])
+    if feature.dtype != "string":  # parquet/csv may give large_string; files of one split must concatenate
+        ds = ds.cast_column(column, datasets.Value("string"))
     if column != "text":
         ds = ds.rename_column(column, "text")
     ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)

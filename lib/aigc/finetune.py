@@ -131,8 +131,39 @@ def _read_docs(path: str, limit: int = 1000) -> list[dict[str, Any]] | None:
     return docs
 
 
-def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None) -> FinetuneResult:
-    """Train, export best/final model directories, evaluate before/after; returns where everything is."""
+@dataclass
+class Prepared:
+    """What every worker of a run (or every trial of a search) shares: the base model and the packed data."""
+
+    base: str  # model path or hub id the workers load
+    packed: PackedData
+    splits: Any
+    data_info: dict[str, Any]
+
+
+def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
+    """Load and validate the data, prepare the base model, tokenise and pack: all before any worker starts."""
+    from transformers import AutoTokenizer
+
+    init_ray()
+    splits = load_splits(cfg.data)
+    base = prepare_base(cfg, run_dir, splits.train["text"])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")
+    packed = to_ray_blocks(splits, tokenizer, cfg.data)
+    _check_sizes(cfg, packed, splits.origin)
+    info = {"blocks": packed.blocks, "tokens": packed.tokens, "origin": splits.origin,
+            "pii_scrubbed": packed.pii if cfg.data.scrub_pii else None}
+    print(f"[aigc] data: {json.dumps({k: v for k, v in info.items() if k != 'origin'})}", flush=True)
+    return Prepared(base, packed, splits, info)
+
+
+def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepared: Prepared | None = None) -> FinetuneResult:
+    """Train, export best/final model directories, evaluate before/after; returns where everything is.
+
+    `prepared` lets a search share one base model and one packed dataset across all its trials.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
@@ -143,19 +174,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None) -> Fin
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    splits = load_splits(cfg.data)
-    base = prepare_base(cfg, run_dir, splits.train["text"])
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.eos_token_id is None:
-        raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")
-    packed = to_ray_blocks(splits, tokenizer, cfg.data)
-    _check_sizes(cfg, packed, splits.origin)
-    data_info = {"blocks": packed.blocks, "tokens": packed.tokens, "pii_scrubbed": packed.pii if cfg.data.scrub_pii else None,
-                 "origin": splits.origin}
-    print(f"[aigc] data: {json.dumps({k: v for k, v in data_info.items() if k != 'origin'})}", flush=True)
+    prepared = prepared or prepare(cfg, run_dir)
+    base, packed = prepared.base, prepared.packed
 
     sc = cfg.scaling
     worker_res = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
@@ -190,9 +210,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None) -> Fin
     print(f"[aigc] exported best (step {best_metrics.get('step')}, val loss {best_metrics.get('val_loss'):.4f}) -> "
           f"{best_dir}", flush=True)
 
-    out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics), data=data_info)
+    out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics),
+                         data=prepared.data_info)
     if cfg.run.evaluate:
-        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed, splits)
+        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed)
         _record_evaluation(best_dir, out.evaluation)
         print_comparison(out.evaluation)
     if cfg.run.samples:
@@ -203,7 +224,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None) -> Fin
     return out
 
 
-def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData, splits: Any) -> dict:
+def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData) -> dict:
     """Test perplexity of the base and the fine-tuned model side by side, computed by one Ray task each."""
     import ray
 

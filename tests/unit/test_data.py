@@ -1,0 +1,80 @@
+"""Data: packing and labels, and bad input failing with the file and column named."""
+
+import json
+
+import numpy as np
+import pytest
+
+from aigc.config import DataConfig
+from aigc.data import DataError, load_splits, pack_ids
+
+
+def test_pack_puts_eos_between_documents_and_labels_equal_inputs():
+    eos = 0
+    out = pack_ids([[5, 6, 7], [8, 9], [10, 11, 12, 13]], eos_id=eos, block_size=4)
+    stream = [5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 0]  # 12 tokens -> exactly 3 full blocks
+    assert out["input_ids"].reshape(-1).tolist() == stream
+    assert np.array_equal(out["labels"], out["input_ids"])
+    assert out["attention_mask"].all() and out["n_tokens"].tolist() == [4, 4, 4]
+
+
+def test_tail_is_padded_and_masked_not_dropped():
+    out = pack_ids([[1, 2, 3, 4, 5]], eos_id=0, block_size=4)  # 6 tokens -> 1 full block + 2-token tail
+    assert out["input_ids"].shape == (2, 4)
+    assert out["labels"][1].tolist() == [5, 0, -100, -100]  # padding never learned
+    assert out["attention_mask"][1].tolist() == [1, 1, 0, 0]
+    assert out["n_tokens"].tolist() == [4, 2]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def files_cfg(tmp_path, train, **kw):
+    return DataConfig(source="files", train_files=[train], **kw)
+
+
+def test_jsonl_carved_by_ratio_with_fixed_seed(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"body": f"document number {i}"} for i in range(100)])
+    cfg = files_cfg(tmp_path, f, text_column="body", split_ratios=(0.8, 0.1, 0.1))
+    a, b = load_splits(cfg), load_splits(cfg)
+    assert (len(a.train), len(a.validation), len(a.test)) == (80, 10, 10)
+    assert a.test["text"] == b.test["text"]  # same carve every run
+    assert not set(a.train["text"]) & set(a.test["text"])
+
+
+def test_csv_parquet_and_txt_load(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text("text,label\nhello there,1\ngeneral kenobi,2\n")
+    pq.write_table(pa.table({"text": ["one doc", "two doc"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("line one\nline two\n")
+    cfg = DataConfig(source="files", train_files=[str(tmp_path / "a.csv"), str(tmp_path / "c.txt")],
+                     validation_files=[str(tmp_path / "b.parquet")], test_files=[str(tmp_path / "c.txt")])
+    s = load_splits(cfg)
+    assert s.train["text"] == ["hello there", "general kenobi", "line one", "line two"]
+    assert s.validation["text"] == ["one doc", "two doc"]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: str(p / "missing.jsonl"), "missing.jsonl: no such file"),
+        (lambda p: (p / "empty.jsonl").touch() or str(p / "empty.jsonl"), "empty.jsonl: file is empty"),
+        (lambda p: write(p / "col.jsonl", [{"body": "x"}]), "col.jsonl: no column 'text'"),
+        (lambda p: write(p / "num.jsonl", [{"text": 1}, {"text": 2}]), "num.jsonl: column 'text' holds"),
+        (lambda p: write(p / "null.jsonl", [{"text": "a"}, {"text": None}]), "null.jsonl: column 'text' has 1 missing"),
+        (lambda p: str(p / "x.docx"), "unsupported file type"),
+    ],
+)
+def test_bad_files_named_in_error(tmp_path, make, match):
+    with pytest.raises(DataError, match=match):
+        load_splits(files_cfg(tmp_path, make(tmp_path)))
+
+
+def test_too_few_documents_to_carve(tmp_path):
+    f = write(tmp_path / "tiny.jsonl", [{"text": "only one"}])
+    with pytest.raises(DataError, match="too few to carve"):
+        load_splits(files_cfg(tmp_path, f))

@@ -1,0 +1,51 @@
+"""The DeepSpeed config builder and the lr schedule."""
+
+import math
+
+from aigc.config import load_config, FinetuneConfig
+from aigc.zero import deepspeed_config, lr_lambda, resolve_precision
+
+
+def cfg(*overrides):
+    return load_config(FinetuneConfig, None, list(overrides))
+
+
+def test_batch_arithmetic_and_stage():
+    ds = deepspeed_config(cfg("optim.micro_batch_size=4", "optim.grad_accum=3", "zero.stage=3"), world_size=2, use_cuda=False)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "offload_optimizer" not in ds["zero_optimization"]
+
+
+def test_cpu_is_fp32_with_torch_adam_and_no_overlap():
+    ds = deepspeed_config(cfg(), world_size=2, use_cuda=False)
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["zero_optimization"]["overlap_comm"] is False  # gloo on CPU
+
+
+def test_offload_uses_deepspeed_cpu_adam():
+    ds = deepspeed_config(cfg("zero.stage=3", "zero.offload_optimizer=true", "zero.offload_param=true"), 8, use_cuda=True,
+                          bf16_supported=True)
+    z = ds["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert "torch_adam" not in ds["optimizer"]["params"]  # DeepSpeedCPUAdam is required with offload
+    assert ds["bf16"]["enabled"] and z["overlap_comm"] is True
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", use_cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", use_cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", use_cuda=True, bf16_supported=False) == "fp16"
+    assert resolve_precision("fp32", use_cuda=True, bf16_supported=True) == "fp32"
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    o = cfg("optim.warmup_steps=10", "optim.max_steps=110", "optim.min_lr_ratio=0.1").optim
+    f = lr_lambda(o)
+    assert math.isclose(f(0), 0.1) and math.isclose(f(9), 1.0)
+    assert math.isclose(f(10), 1.0) and math.isclose(f(60), 0.55) and math.isclose(f(110), 0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+    lin = lr_lambda(cfg("optim.schedule=linear", "optim.warmup_steps=0", "optim.max_steps=100").optim)
+    assert math.isclose(lin(50), 0.1 + 0.9 * 0.5)
