@@ -44,6 +44,33 @@ def init_ray(address: str | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
 
 
+METRICS_LOG = "metrics.jsonl"
+
+
+def _report_log_class() -> type:
+    from ray.train import UserCallback
+
+    class ReportLog(UserCallback):
+        """Appends every report (rank 0's metrics + checkpoint path) to `<run_dir>/metrics.jsonl`, across
+        restarts and resumed runs: the learning curve of a run, readable while it trains."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+    return ReportLog
+
+
+def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every report of a run, oldest first ([] before the first validation)."""
+    path = Path(run_dir) / METRICS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def run_dir_of(cfg: FinetuneConfig) -> Path:
     return Path(expand(cfg.run.storage_path)) / cfg.run.name
 
@@ -145,8 +172,8 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
     """Load and validate the data, prepare the base model, tokenise and pack: all before any worker starts."""
     from transformers import AutoTokenizer
 
+    splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
     init_ray()
-    splits = load_splits(cfg.data)
     base = prepare_base(cfg, run_dir, splits.train["text"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.eos_token_id is None:
@@ -170,11 +197,11 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     from ray.train import ScalingConfig as RayScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     prepared = prepared or prepare(cfg, run_dir)
+    init_ray()
     base, packed = prepared.base, prepared.packed
 
     sc = cfg.scaling
@@ -190,7 +217,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.eval.keep_top_k, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            callbacks=callbacks or None,
+            callbacks=[*([_report_log_class()(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
+                       *(callbacks or [])],
         ),
         datasets=shard_datasets(packed, sc.num_workers),
         dataset_config=make_data_config(),

@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Everything needed to continue exactly where a checkpoint left off.
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "bad_evals": 0,
-             "tokens_seen": 0, "stopped_early": False}
+             "tokens_seen": 0, "train_seconds": 0.0, "stopped_early": False}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -131,6 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": state["step"], "epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 50.0)), "best_val_loss": state["best_val_loss"],
             "lr": scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"], "tokens_per_s": tokens_per_s,
+            "train_seconds": state["train_seconds"],
             "stopped_early": state["stopped_early"], "done": final or state["stopped_early"],
         }
         with tempfile.TemporaryDirectory() as d:
@@ -147,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t0, tokens0, step0 = time.time(), state["tokens_seen"], state["step"]
     window_loss, window_n, train_loss = 0.0, 0, float("nan")
+    t_prev = time.perf_counter()
     while state["step"] < o.max_steps and not state["stopped_early"]:
         skip = state["batch_in_epoch"]
         batches = train_shard.iter_torch_batches(
@@ -160,6 +162,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
+            now = time.perf_counter()
+            state["train_seconds"] += now - t_prev  # data + compute; validation and checkpoints excluded
+            t_prev = now
             state["batch_in_epoch"] = i + 1
             state["tokens_seen"] += int(batch["attention_mask"].sum()) * world  # equal shards: same on every rank
             window_loss += float(loss.detach())
@@ -179,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % ev.every_steps == 0 or step == o.max_steps:
                 tps = (state["tokens_seen"] - tokens0) / max(time.time() - t0, 1e-9)
                 checkpoint_and_report(train_loss, tps, final=step == o.max_steps)
+                t_prev = time.perf_counter()
             if step >= o.max_steps or state["stopped_early"]:
                 break
         else:

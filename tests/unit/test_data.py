@@ -78,3 +78,23 @@ def test_too_few_documents_to_carve(tmp_path):
     f = write(tmp_path / "tiny.jsonl", [{"text": "only one"}])
     with pytest.raises(DataError, match="too few to carve"):
         load_splits(files_cfg(tmp_path, f))
+
+
+def test_packer_scrubs_pii_before_tokenising_and_counts_it():
+    from aigc.data import make_packer
+    from aigc.modeling import train_tokenizer
+
+    texts = ["Write to jane.doe@example.com or call (555) 123-4567.", "Card 4111 1111 1111 1111 on file."]
+    tok = train_tokenizer(texts * 20, vocab_size=300)
+    out = make_packer(tok, block_size=16, scrub_pii=True)({"text": np.array(texts, dtype=object)})
+    decoded = tok.decode(out["input_ids"][out["attention_mask"] == 1])
+    assert "jane.doe" not in decoded and "4111" not in decoded and "[EMAIL]" in decoded and "[CARD]" in decoded
+    assert {k: int(out[f"pii_{k}"].sum()) for k in ("email", "phone", "card")} == {"email": 1, "phone": 1, "card": 1}
+
+
+def test_corpus_cli_writes_the_splits(tmp_path):
+    from aigc.cli import main
+
+    assert main(["corpus", "--out", str(tmp_path), "--n-train", "20", "--n-validation", "5", "--n-test", "5"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grammar.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 20

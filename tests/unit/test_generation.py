@@ -95,15 +95,23 @@ def test_kv_cache_steps_match_full_forward_in_a_padded_batch(lm):
 # ----------------------------------------------------------------------------------- per-row sampling
 
 
-def test_seeded_row_is_independent_of_its_batch_company(lm):
-    mine = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=1234)
+@pytest.mark.parametrize(
+    "mine",
+    [
+        SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=1234),  # sorted CDF
+        SamplingParams(temperature=0.7, max_tokens=20, seed=77),  # vocabulary-order CDF
+    ],
+    ids=["filtered", "plain"],
+)
+def test_seeded_row_is_independent_of_its_batch_company(lm, mine):
     alone = generate(lm.model, lm.tokenizer, ["Limited time:"], mine)[0]
     company = [
         ("A much longer prompt about a water-resistant shell and studio-quality sound", SamplingParams(seed=1)),
         ("Save", SamplingParams(temperature=0, max_tokens=3)),
         ("Discover", SamplingParams(temperature=1.5, top_k=5)),  # random seed
+        ("Our new", SamplingParams(temperature=0.8, top_p=0.5, seed=3)),
     ]
-    for position in (0, 2, 3):
+    for position in (0, 2, 4):
         rows = [p for p, _ in company]
         params = [s for _, s in company]
         rows.insert(position, "Limited time:")

@@ -2,7 +2,7 @@
 
 import math
 
-from aigc.config import load_config, FinetuneConfig
+from aigc.config import FinetuneConfig, load_config
 from aigc.zero import deepspeed_config, lr_lambda, resolve_precision
 
 

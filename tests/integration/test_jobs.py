@@ -1,0 +1,95 @@
+"""The entry point as users run it: `ray job submit` to a local head node, and bad input failing fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+JOB = ["jobs/finetune.py", "--config", "jobs/configs/tiny-cpu.yaml"]
+SMALL = ["data.embedded.n_train=1200", "data.embedded.n_validation=150", "data.embedded.n_test=150",
+         "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.max_steps=20",
+         "optim.warmup_steps=2", "eval.every_steps=10", "run.samples=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_config_fails_fast_with_every_key_named():
+    p = run_job("optim.lr=-1", "zero.stage=9", "optim.nonsense=1")
+    assert p.returncode == 2
+    for key in ("optim.lr", "zero.stage", "optim.nonsense: unknown key"):
+        assert key in p.stderr
+    assert "Started a local Ray instance" not in p.stdout + p.stderr  # rejected before Ray started
+
+
+def test_bad_data_fails_before_workers_start(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "text under the wrong column"}) + "\n")
+    p = run_job("data.source=files", f"data.train_files=[{tmp_path / 'd.jsonl'}]", f"run.storage_path={tmp_path}")
+    assert p.returncode == 2
+    assert f"{tmp_path / 'd.jsonl'}: no column 'text' (data.text_column)" in p.stderr
+    assert "RayTrainWorker" not in p.stdout + p.stderr
+
+
+@pytest.fixture
+def head_node():
+    """`ray start --head --block` with token auth on free ports; stopped by signalling only its own group."""
+    port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="aigc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
+        if r.returncode == 0:
+            break
+        assert head.poll() is None, head.stdout.read()
+        time.sleep(2)
+    else:
+        pytest.fail("head node did not come up")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from aigc.modeldir import verify_model_dir
+
+    address, env = head_node
+    p = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         "python", *JOB, *SMALL, "run.name=submitted", f"run.storage_path={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "succeeded" in p.stdout
+    best = tmp_path / "submitted" / "best"
+    meta = verify_model_dir(best)
+    assert meta["step"] in (10, 20) and meta["evaluation"]["finetuned"]["test_ppl"] > 1
+    assert AutoModelForCausalLM.from_pretrained(best).config.n_embd == 32
