@@ -24,11 +24,14 @@ HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export n
 
 
 def print0(*args: Any) -> None:
-    """Log on rank 0 only (nanochat's print0)."""
+    """Log on rank 0 only (nanochat's print0). Written straight to the process's stdout: Train V2 patches
+    `print` into its logger, which tees to stdout again, so a plain print shows every line twice."""
+    import sys
+
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        print(*args, flush=True)
+        print(*args, flush=True, file=sys.__stdout__)
 
 
 def _fmt_secs(s: float) -> str:
@@ -110,7 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
-        state.update(client_state or {})
+        # DeepSpeed returns its own metadata keys in client_state too; take back only ours
+        state.update({k: v for k, v in (client_state or {}).items() if k in state})
         print0(f"[aigc] resumed from checkpoint at step {state['step']} (epoch {state['epoch']}, "
                f"batch {state['batch_in_epoch']})")
 
