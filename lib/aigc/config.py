@@ -144,7 +144,9 @@ class RunConfig(Strict):
     """Names and storage: re-running the same name continues from its latest checkpoint."""
 
     name: str = Field("tiny-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    storage_path: str = Field("~/aigc/runs", description="local folder, shared folder or object-store URI")
+    storage_path: str = Field(
+        "~/aigc/runs", description="local folder; on a multi-node cluster a folder every node shares (EFS/NFS)"
+    )
     torch_extensions_dir: str = Field(
         "~/.cache/aigc/torch_extensions", description="where DeepSpeed caches compiled ops (first build ~25 s)"
     )
@@ -189,6 +191,9 @@ class FinetuneConfig(Strict):
             out.append("data.block_size: the embedded tiny model supports at most 4096 positions")
         if o.warmup_steps >= o.max_steps:
             out.append(f"optim.warmup_steps: must be below optim.max_steps ({o.warmup_steps} >= {o.max_steps})")
+        if "://" in self.run.storage_path:
+            out.append(f"run.storage_path: object-store URIs ({self.run.storage_path}) are not supported yet: model "
+                       "directories are written with file APIs; use a folder every node shares (e.g. /mnt/shared)")
         if self.eval.every_steps > o.max_steps:
             out.append(f"eval.every_steps: {self.eval.every_steps} > optim.max_steps={o.max_steps}: nothing would be validated")
         return out

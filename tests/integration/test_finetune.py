@@ -95,10 +95,18 @@ def test_rerun_with_same_name_resumes_at_its_step(ray_local, tmp_path):
     assert tokens[3] - tokens[2] == pytest.approx(tokens[1] - tokens[0], rel=0.05)
 
 
-def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
-    from ray.util.state import list_actors
+def own_train_workers() -> list:
+    """RayTrainWorker processes of *this* test's Ray node (children of its raylet), never anyone else's."""
+    import psutil
+    import ray
 
-    cfg = tiny_cfg(tmp_path, "kill", "optim.max_steps=60", "eval.every_steps=10", "scaling.max_failures=2",
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
+    cfg = tiny_cfg(tmp_path, "kill", "optim.max_steps=80", "eval.every_steps=10", "scaling.max_failures=2",
                    "run.evaluate=false", "run.samples=0")
     run_dir = tmp_path / "kill"
     killed: list[int] = []
@@ -107,11 +115,10 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if read_metrics_log(run_dir):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = own_train_workers()
                 if workers:
-                    pid = int(workers[-1]["pid"])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
                     return
             time.sleep(0.2)
 
@@ -121,7 +128,7 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     log = read_metrics_log(result.run_dir)
-    assert log[-1]["step"] == 60 and result.final_dir
+    assert log[-1]["step"] == 80 and result.final_dir
     steps = [r["step"] for r in log]
     assert steps == sorted(steps) and steps[0] == 10  # restarted from the last checkpoint, never from 0
-    assert verify_model_dir(result.final_dir)["step"] == 60
+    assert verify_model_dir(result.final_dir)["step"] == 80
