@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup  ## the main job on the embedded default
-	$(PY) jobs/finetune.py --config jobs/configs/tiny-cpu.yaml
+demo: setup  ## the whole loop on the embedded default: search, report, winner, Serve, sample requests
+	$(PY) jobs/pipeline.py --config jobs/configs/pipeline-tiny-cpu.yaml
 
 finetune: setup
 	$(PY) jobs/finetune.py --config jobs/configs/tiny-cpu.yaml

@@ -49,7 +49,7 @@ def test_bad_data_fails_before_workers_start(tmp_path):
     assert "RayTrainWorker" not in p.stdout + p.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node():
     """`ray start --head --block` with token auth on free ports; stopped by signalling only its own group."""
     port, dash = free_port(), free_port()
@@ -93,3 +93,28 @@ def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
     meta = verify_model_dir(best)
     assert meta["step"] in (10, 20) and meta["evaluation"]["finetuned"]["test_ppl"] > 1
     assert AutoModelForCausalLM.from_pretrained(best).config.n_embd == 32
+
+
+def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, tmp_path):
+    import requests
+
+    address, env = head_node
+    port = free_port()
+    p = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         "python", "jobs/pipeline.py", "--config", "jobs/configs/pipeline-tiny-cpu.yaml",
+         f"search.storage_path={tmp_path}", "search.name=piped", "search.num_samples=2", "search.asha.enabled=false",
+         "base.data.embedded.n_train=1200", "base.data.embedded.n_validation=150", "base.data.embedded.n_test=150",
+         "base.data.block_size=64", "base.optim.max_steps=20", "base.eval.every_steps=10", f"deploy.port={port}",
+         "deploy.app_name=piped"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    search = tmp_path / "piped"
+    assert (search / "report.html").stat().st_size > 10_000 and (search / "trials.csv").is_file()
+    assert (search / "winner" / "aigc.json").is_file()
+    assert "endpoint: http://127.0.0.1" in p.stdout
+    # the app outlives the job on the cluster: it still answers after `ray job submit` returned
+    r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                      json={"model": "winner", "prompt": "Save", "max_tokens": 8, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"]
