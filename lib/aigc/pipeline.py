@@ -98,7 +98,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from aigc.search import run_search
     from aigc.serving import parse_args
 
-    result = run_search(cfg)
+    # the trials see a plain search config: the deploy section is the pipeline's, not theirs
+    result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))
     if result.interrupted or not result.winner_dir:
         raise RuntimeError(f"{result.search_dir}: the search ended without a winner "
                            f"(interrupted={result.interrupted}, errors={result.errors}); see the report")
