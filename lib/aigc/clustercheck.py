@@ -302,7 +302,7 @@ def search_demand(raw: Mapping[str, Any], source: str = "search") -> Demand:
     must), each its Tune actor plus its fine-tune's Train workers (`aigc.search.trial_bundles`)."""
     from aigc.search import SearchConfig, total_trials, trial_bundles
 
-    cfg = build(SearchConfig, dict(raw), source)
+    cfg = build(SearchConfig, {k: v for k, v in raw.items() if k != "deploy"}, source)  # a pipeline = search + deploy
     n = min(cfg.search.max_concurrent or 1, total_trials(cfg))
     actor, workers = trial_bundles(cfg.base)
     what = (f"{n} concurrent trial(s) x ({len(workers)} Train workers + the trial's actor)"

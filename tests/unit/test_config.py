@@ -7,7 +7,8 @@ import pytest
 from aigc.config import ConfigError, FinetuneConfig, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+JOB_CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("pipeline-"))
+PIPELINE_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("pipeline-*.yaml"))
 
 
 def test_layers_defaults_then_yaml_then_overrides(tmp_path):
@@ -61,3 +62,15 @@ def test_shipped_job_configs_validate():
         assert cfg.run.name and cfg.optim.max_steps > cfg.optim.warmup_steps, path
     xl = load_config(FinetuneConfig, ROOT / "jobs/configs/gpt2-xl-zero3-offload.yaml")
     assert xl.zero.stage == 3 and xl.zero.offload_optimizer and xl.zero.offload_param and xl.scaling.use_gpu
+
+
+def test_shipped_pipeline_configs_validate_including_their_serve_args():
+    from aigc.pipeline import PipelineConfig
+
+    assert PIPELINE_CONFIGS
+    for path in PIPELINE_CONFIGS:
+        cfg = load_config(PipelineConfig, path)
+        assert cfg.deploy.smoke_prompts and cfg.search.num_samples >= 2, path
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, PIPELINE_CONFIGS[0], ["deploy.args.num_cpus=-1", "deploy.args.model_dir=/x"])
+    assert "deploy.args.model_dir: set by the pipeline" in str(e.value)
