@@ -8,7 +8,8 @@ row of a batch carries its own temperature / top_p / top_k / max_tokens / stop s
 Batch layout: prompts are left-padded so every row's next token sits in the last column; position
 ids count only real tokens (so padding costs no positions), and the 2-d attention mask hides the pads.
 A row that finishes leaves the batch (its KV-cache rows are dropped), so long rows don't pay for
-short ones.
+short ones. :class:`BatchStream` also takes new rows while it runs (continuous batching, what the
+server uses): a new group is prefilled on its own and joins the batch at the next step.
 
 Context limit: a prompt must fit in the model's positions with room for one new token
 (``prompt_tokens <= max_positions - 1``); a row stops with ``finish_reason="length"`` when it reaches
@@ -23,7 +24,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,6 @@ class SamplingParams(Strict):
         return v
 
 
-FinishReason = Literal["stop", "length"]
-
-
 @dataclass
 class Completion:
     text: str
@@ -95,8 +93,7 @@ class _Row:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
-    max_new: int
-    hit_context: bool  # max_new was cut by the model's positions, not max_tokens
+    max_new: int  # max_tokens, or fewer when the model's positions run out first
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
@@ -124,8 +121,9 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
-    """Prompt text -> token ids (token ids pass through, so a caller can tokenize once)."""
-    return list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, add_special_tokens=False)
+    """Prompt text -> token ids, with the tokenizer's own special tokens (a BOS where the model wants
+    one); token ids pass through, so a caller can tokenize once."""
+    return list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt)
 
 
 def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
@@ -220,7 +218,7 @@ class BatchStream:
             room = self.ctx - len(ids)
             gen = torch.Generator(device="cpu")
             gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            rows.append(_Row(ids, p, gen, min(p.max_tokens, room), room < p.max_tokens))
+            rows.append(_Row(ids, p, gen, min(p.max_tokens, room)))
         with self._lock:
             ids = [next(self._ids) for _ in rows]
             self.rows.update(zip(ids, rows, strict=True))
@@ -376,29 +374,40 @@ class BatchStream:
             self._mask = self._mask[:, first:]
 
     def _sample(self, rows: list[int], logits: torch.Tensor) -> list[int]:
-        """Per-row greedy / temperature + top-k + top-p sampling; one uniform draw per sampled row."""
+        """Per-row greedy / temperature (+ top-k, top-p) sampling, one uniform draw per sampled row."""
         params = [self.rows[i].params for i in rows]
         tokens = logits.argmax(dim=-1)
-        sampled = [j for j, p in enumerate(params) if p.temperature > 0]
-        if sampled:
-            vocab = logits.shape[-1]
-            idx = torch.tensor(sampled, device=logits.device)
-            temp = torch.tensor([params[j].temperature for j in sampled], device=logits.device)
-            top_k = torch.tensor([params[j].top_k or vocab for j in sampled], device=logits.device)
-            top_p = torch.tensor([params[j].top_p for j in sampled], device=logits.device)
-            scaled, order = (logits[idx] / temp[:, None]).sort(dim=-1, descending=True)
+        # Which CDF a row samples from depends on its own parameters only (vocabulary order for plain
+        # temperature sampling, sorted order when it filters), so a seed gives the same token whatever
+        # else is in the batch; and the sort is paid only by rows that need it.
+        plain = [j for j, p in enumerate(params) if p.temperature > 0 and not p.top_k and p.top_p >= 1.0]
+        filtered = [j for j, p in enumerate(params) if p.temperature > 0 and (p.top_k or p.top_p < 1.0)]
+        for group, sort in ((plain, False), (filtered, True)):
+            if group:
+                idx = torch.tensor(group, device=logits.device)
+                tokens[idx] = self._draw([rows[j] for j in group], logits[idx], sort)
+        return tokens.tolist()
+
+    def _draw(self, rows: list[int], logits: torch.Tensor, sort: bool) -> torch.Tensor:
+        params = [self.rows[i].params for i in rows]
+        vocab = logits.shape[-1]
+        temp = torch.tensor([p.temperature for p in params], device=logits.device)
+        scaled = logits / temp[:, None]
+        if sort:
+            top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+            scaled, order = scaled.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=logits.device)
-            scaled = scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-            probs = scaled.softmax(dim=-1)
+            probs = scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(dim=-1)
             # nucleus: drop a token when the mass before it already reaches top_p (the top token stays)
             probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
-            cdf = probs.cumsum(dim=-1)
-            # inverse-CDF sampling with one uniform from the row's own generator: batch-independent
-            u = torch.cat([torch.rand(1, generator=self.rows[rows[j]].generator) for j in sampled])
-            u = u.to(logits.device) * cdf[:, -1]
-            pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=vocab - 1)
-            tokens[idx] = order.gather(1, pick).squeeze(1)
-        return tokens.tolist()
+        else:
+            probs = scaled.softmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        # inverse-CDF sampling with one uniform from the row's own generator: batch-independent
+        u = torch.cat([torch.rand(1, generator=self.rows[i].generator) for i in rows])
+        pick = torch.searchsorted(cdf, (u.to(logits.device) * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
+        return (order.gather(1, pick) if sort else pick).squeeze(1)
 
     def _advance(self, rows: list[int], logits: torch.Tensor) -> list[Delta]:
         for i, row_logits in zip(rows, logits, strict=True):

@@ -43,7 +43,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc.config import ConfigError, Strict, build, deep_merge, expand, parse_overrides
-from aigc.generation import BatchStream, SamplingParams, generate, max_positions
+from aigc.generation import BatchStream, SamplingParams, encode, generate, max_positions
 
 logger = logging.getLogger("ray.serve")
 
@@ -184,12 +184,10 @@ DEPLOYMENT_FIELDS = {
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:
     """Serve deployment options from the args (a `deployments:` entry in a Serve config file overrides them)."""
-    a = args.autoscaling
-    autoscaling = a.model_dump(exclude_none=True)
     return {
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
-        "autoscaling_config": autoscaling,
+        "autoscaling_config": args.autoscaling.model_dump(exclude_none=True),
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
         "max_surge_percent": args.max_surge_percent,
@@ -454,9 +452,10 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
                 raise item
             else:
                 yield item
-    finally:
+    finally:  # on early exit (client gone): stop the pumps first, so each stream's cleanup runs once
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()
 
@@ -587,7 +586,7 @@ class ModelServer:
             if len(p) > lim.max_prompt_chars:
                 raise ApiError(400, f"{where}: {len(p)} characters exceeds the limit of {lim.max_prompt_chars}",
                                "prompt")
-            tokens = self.tok.encode(p, add_special_tokens=False)
+            tokens = encode(self.tok, p)  # as the generation path does
             if len(tokens) > self.max_prompt_tokens:
                 raise ApiError(400, f"{where}: {len(tokens)} tokens exceeds the limit of {self.max_prompt_tokens}",
                                "prompt")
@@ -733,20 +732,35 @@ class ModelServer:
 
 
 def build_app(args: ServeArgs | Mapping[str, Any]):
-    """The Serve application for `args` (raises ConfigError, listing every problem, before any Ray call)."""
-    args = parse_args(args)
+    """The Serve application for `args`; raises ConfigError listing every problem before any Ray call."""
+    problems, parsed = [], None
+    try:
+        parsed = parse_args(args)
+    except ConfigError as e:
+        problems += e.problems
+    model_dir = parsed.model_dir if parsed else args.get("model_dir") if isinstance(args, Mapping) else None
+    if isinstance(model_dir, str | os.PathLike):
+        problems += _model_dir_problems(str(model_dir))
+    if problems or parsed is None:
+        raise ConfigError(problems, "serve args")
+    # the replica gets only what it uses, so Serve-option changes don't look like a new model to Serve
+    return ModelServer.options(**deployment_options(parsed)).bind(parsed.model_dump(exclude=DEPLOYMENT_FIELDS))
+
+
+def _model_dir_problems(model_dir: str) -> list[str]:
+    """Catch an obviously wrong directory here rather than in every replica. Where this machine cannot
+    see the path (a cluster's shared storage), the replicas' loader is the check; it verifies the
+    checksums in any case."""
     from aigc.modeldir import ModelDirError, read_metadata
 
-    path = expand(args.model_dir)
-    if "://" not in path and os.path.exists(os.path.dirname(path) or "/"):
-        # fail here, not in every replica, when the directory is obviously wrong; full checksum
-        # verification happens in the replica that loads it (where the path must also exist)
-        try:
-            read_metadata(path)
-        except ModelDirError as e:
-            raise ConfigError([f"model_dir: {e}"], "serve args") from None
-    # the replica gets only what it uses, so Serve-option changes don't look like a new model to Serve
-    return ModelServer.options(**deployment_options(args)).bind(args.model_dump(exclude=DEPLOYMENT_FIELDS))
+    path = expand(model_dir)
+    if "://" in path or not os.path.isdir(os.path.dirname(path)):
+        return []
+    try:
+        read_metadata(path)
+    except ModelDirError as e:
+        return [f"model_dir: {e}"]
+    return []
 
 
 def app_builder(args: dict[str, Any]):
@@ -785,26 +799,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
-    owned = False
-    if ns.address:
-        ray.init(address=ns.address)
-    else:
-        try:
-            ray.init(address="auto")
-        except ConnectionError:
-            ray.init()
-            owned = True  # this process's Ray: the app lives only as long as we do
+    # no address, no RAY_ADDRESS and no `ray start` cluster: ray.init starts a Ray that lives (and takes
+    # the app with it) only as long as this process, so we stay in the foreground
+    owned = canonicalize_bootstrap_address(ns.address) is None
+    ray.init(address=ns.address)
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name=ns.app_name, route_prefix=ns.route_prefix)
     prefix = ns.route_prefix.rstrip("/")
     url = f"http://{'127.0.0.1' if ns.host == '0.0.0.0' else ns.host}:{ns.port}{prefix}"
-    name = parse_args(raw).served_name
-    print(f"serving {name!r} at {url}/v1  (OpenAI base_url)")
-    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
-          f"       -d '{{\"model\": \"{name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'")
+    args = parse_args(raw)
+    auth = " -H 'Authorization: Bearer $AIGC_API_KEY'" if args.api_keys or args.api_keys_env in os.environ else ""
+    print(f"serving {args.served_name!r} at {url}/v1  (the OpenAI client's base_url)")
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"       -d '{{\"model\": \"{args.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'")
     if not (ns.blocking or owned):
-        print(f"deployed to the running Ray cluster; stop with: serve shutdown (or serve delete {ns.app_name})")
+        print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
         return 0
     print("Ctrl-C to stop")
     try:
@@ -813,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if owned:
+            serve.shutdown()
+        else:
+            serve.delete(ns.app_name)
         ray.shutdown()
     return 0

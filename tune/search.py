@@ -1,0 +1,50 @@
+"""Search fine-tuning hyperparameters with Ray Tune: ASHA on validation loss, a report, the winner exported.
+
+    python tune/search.py --config tune/configs/tiny-cpu.yaml                      # in-process (local Ray)
+    python tune/search.py --config tune/configs/tiny-cpu.yaml search.num_samples=8 space.lr.high=1e-2
+    RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token) \\
+      ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+      python tune/search.py --config tune/configs/gpt2-gpu.yaml                   # against a running cluster
+    aigc report ~/aigc/searches/tiny-cpu                                           # rebuild the report
+
+Each trial is a full Ray Train + DeepSpeed fine-tune (the driver of jobs/finetune.py). Results land in
+<search.storage_path>/<search.name>/: report.html, report.md, trials.csv, plots/, and winner/ (the best
+trial's model directory, which Serve deploys). Running the same command again resumes an interrupted
+search without rerunning its finished trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aigc.config import ConfigError, load_config
+from aigc.data import DataError
+from aigc.modeldir import ModelDirError
+from aigc.search import SearchConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="search YAML (defaults: the embedded tiny model, 8 random trials)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. space.lr.high=1e-2")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(SearchConfig, args.config, args.overrides)
+        from aigc.search import run_search  # starts Ray: only once the config is known to be good
+
+        result = run_search(cfg)
+    except (ConfigError, DataError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[aigc] report: {result.report['report.html']}")
+    if result.interrupted:
+        print("[aigc] the search was interrupted; run the same command again to resume it")
+        return 1
+    print(f"[aigc] winner: {result.winner_dir} (trial {result.best_trial}, val loss "
+          f"{result.best_metrics.get('val_loss', float('nan')):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
