@@ -61,8 +61,9 @@ def head_node():
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
+    while time.time() < deadline:  # ready = a job can be submitted (the job agent starts after the API)
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                           capture_output=True)
         if r.returncode == 0:
             break
         assert head.poll() is None, head.stdout.read()
