@@ -522,6 +522,25 @@ def _columns(data: SearchData) -> list[str]:
             "num_failures", "wall_s", "cpu_hours", "gpu_hours", "model_dir"]
 
 
+# How the HTML and Markdown tables show a column (trials.csv keeps full precision).
+CELL_FORMATS = {"best_val_loss": "{:.4f}", "final_val_loss": "{:.4f}", "best_val_ppl": "{:.2f}",
+                "final_val_ppl": "{:.2f}", "wall_s": "{:.0f}", "cpu_hours": "{:.4f}", "gpu_hours": "{:.4f}"}
+ALWAYS_SHOWN = {"rank", "trial_id", "status", "best_val_loss", "final_val_loss", "steps"}
+
+
+def _cell(col: str, v: Any) -> str:
+    if isinstance(v, float) and col in CELL_FORMATS and not math.isnan(v):
+        return CELL_FORMATS[col].format(v)
+    return _fmt(v)
+
+
+def _table_columns(data: SearchData, rows: list[dict[str, Any]]) -> list[str]:
+    """The CSV's columns minus the bookkeeping ones and those empty (or all zero) in every row."""
+    hidden = {"model_dir", "asha_stopped", "early_stopped"}
+    return [c for c in _columns(data) if c not in hidden
+            and (c in ALWAYS_SHOWN or c in data.param_names or any(r.get(c) not in (None, "", 0, 0.0) for r in rows))]
+
+
 def _rows(data: SearchData) -> list[dict[str, Any]]:
     return [{"rank": i + 1 if t.best_val_loss is not None else "", **t.row()} for i, t in enumerate(data.trials)]
 
@@ -612,13 +631,12 @@ code{background:#eff1f3;padding:1px 4px;border-radius:3px}.err{color:#cf222e;whi
 def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
     s = summary(data)
     e = html.escape
-    cols = _columns(data)
-    hidden = {"model_dir", "asha_stopped", "early_stopped"}
-    shown = [c for c in cols if c not in hidden]
+    rows = _rows(data)
+    shown = _table_columns(data, rows)
     head = "".join(f"<th class='{'l' if c in ('trial_id', 'status', 'error') else ''}'>{e(c)}</th>" for c in shown)
     body = []
     best_id = s["best"].trial_id if "best" in s else None
-    for r in _rows(data):
+    for r in rows:
         cells = []
         for c in shown:
             v = r.get(c)
@@ -631,7 +649,7 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
             elif c == "trial_id":
                 cells.append(f"<td class='l'><code>{e(str(v))}</code></td>")
             else:
-                cells.append(f"<td>{e(_fmt(v))}</td>")
+                cells.append(f"<td>{e(_cell(c, v))}</td>")
         body.append(f"<tr class='{'best' if r['trial_id'] == best_id else ''}'>{''.join(cells)}</tr>")
     figs = []
     for name in PLOTS:
@@ -666,13 +684,14 @@ the resources the trial held. Trial models: <code>trials/trial-&lt;id&gt;/best</
 
 def render_md(data: SearchData) -> str:
     s = summary(data)
-    cols = [c for c in _columns(data) if c not in ("model_dir", "asha_stopped", "early_stopped")]
+    rows = _rows(data)
+    cols = _table_columns(data, rows)
     lines = [f"# Search report: {data.name}", "", f"`{data.search_dir}`", ""]
     lines += [f"- {x}" for x in _headline(data, s)]
     lines += ["", "## Trials, ranked by best validation loss", "",
               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in _rows(data):
-        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(c, r.get(c)).replace("|", "\\|") for c in cols) + " |")
     lines += ["", "## Plots", ""]
     for name in PLOTS:
         lines += [f"![{name}](plots/{name}.png)", "", CAPTIONS[name], ""]

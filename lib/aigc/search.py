@@ -471,9 +471,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume(cfg: SearchConfig, sdir: Path) -> bool:
-    """True when `sdir` holds a search to resume; a ConfigError when it was started with another config."""
+    """True when `sdir` holds a started search to resume; a ConfigError when it was started with another
+    config. (A folder whose search never reached Tune, e.g. a data error, is simply started again.)"""
     saved_path = sdir / SEARCH_YAML
-    if not saved_path.is_file():
+    if not saved_path.is_file() or not any((sdir / TUNE_DIR).glob("experiment_state-*.json")):
         return False
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     now = _flatten(cfg.model_dump(mode="json"))
@@ -565,6 +566,20 @@ class _Reaper:
         self.sweep()
 
 
+def check_batch_sizes(cfg: SearchConfig, train_blocks: int) -> None:
+    """Every micro-batch size in the space must leave each worker at least one optimizer step of data
+    (the driver checks only the base config's)."""
+    spec = cfg.space.micro_batch_size
+    if spec is None:
+        return
+    w, accum = cfg.base.scaling.num_workers, cfg.base.optim.grad_accum
+    bad = [f"space.micro_batch_size.values[{i}]: {int(v)} x {w} workers x {accum} grad_accum = {int(v) * w * accum} "
+           f"blocks a step, but the train split has {train_blocks}" for i, v in enumerate(spec.candidates())
+           if int(v) * w * accum > train_blocks]
+    if bad:
+        raise ConfigError(bad, "search space for this data")
+
+
 def _share_ready(prepared: Any, num_workers: int) -> Any:
     """The prepared data with train/validation re-blocked so that each rank's equal shard is whole blocks.
 
@@ -603,6 +618,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
 
     with _Reaper():  # frees the reservations of trials Tune stopped (see reap_orphaned_placement_groups)
         prepared = _share_ready(prepare(cfg.base, sdir), cfg.base.scaling.num_workers)
+        check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
             tune.with_parameters(_trial, search=cfg.model_dump(mode="json"), prepared=prepared),
             {"CPU": TRIAL_DRIVER_CPU},

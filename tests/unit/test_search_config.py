@@ -193,12 +193,26 @@ def test_a_trial_that_cannot_fit_is_an_error_naming_the_keys():
     assert "base.scaling.num_workers" in msg and "base.scaling.cpus_per_worker=4" in msg and "CPU: 2" in msg
 
 
+def test_micro_batch_sizes_must_fit_the_data():
+    from aigc.search import check_batch_sizes
+
+    cfg = load_config(SearchConfig, TINY, ["space.micro_batch_size={kind: choice, values: [8, 64]}"])
+    check_batch_sizes(cfg, train_blocks=128)  # 64 x 2 workers = 128 blocks: exactly one step
+    with pytest.raises(ConfigError) as e:
+        check_batch_sizes(cfg, train_blocks=127)
+    assert e.value.problems[0].startswith("space.micro_batch_size.values[1]: 64 x 2 workers")
+
+
 def test_resume_refuses_a_changed_search_but_allows_operational_changes(tmp_path):
     cfg = load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}"])
     sdir = search_dir_of(cfg)
     assert check_resume(cfg, sdir) is False  # nothing there yet
     sdir.mkdir(parents=True)
     (sdir / "search.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    changed = load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.01"])
+    assert check_resume(changed, sdir) is False  # never reached Tune (e.g. a data error): start again
+    (sdir / "tune").mkdir()
+    (sdir / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     assert check_resume(load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "search.max_concurrent=1"]),
                         sdir) is True
     with pytest.raises(ConfigError) as e:
