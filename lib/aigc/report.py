@@ -379,14 +379,15 @@ def plot_learning_curves(data: SearchData, path: Path) -> None:
         y = [h["val_loss"] for h in t.history]
         ls = "--" if t.status == "stopped by ASHA" else ":" if t.status == "error" else "-"
         ax.plot(s, y, ls, color=c, lw=2.8 if t.trial_id == best_id else 1.4, marker="o", ms=3,
-                label=f"{t.trial_id} ({t.status})" + (" - best" if t.trial_id == best_id else ""))
+                label=f"{t.trial_id} ({t.status}{', best' if t.trial_id == best_id else ''}) "
+                      + " ".join(f"{k}={_fmt(v, 2)}" for k, v in t.params.items()))
         if t.asha_stop_step is not None:
             ax.plot([s[-1]], [y[-1]], "x", color=c, ms=10, mew=2.5)
     if with_hist:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2 if len(with_hist) > 8 else 1, loc="upper right")
+        ax.legend(fontsize=7, ncol=2 if len(with_hist) > 16 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Learning curves: validation loss of every trial (x = stopped by ASHA, dashed)")
     _save(fig, path)
 

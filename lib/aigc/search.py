@@ -610,6 +610,11 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     from aigc.report import write_report
 
     init_ray()
+    import ray.data
+
+    # Trials are compared with each other and a resumed search re-prepares the data: both need the packed
+    # blocks in the same order every time, which Ray Data guarantees only when asked to preserve it.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     concurrency = plan_concurrency(cfg, cluster_nodes())
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
