@@ -294,22 +294,88 @@ def fitting_trials(nodes: list[dict[str, float]], base: FinetuneConfig, limit: i
     return n
 
 
+# The cluster launcher writes the cluster.yaml it was given here on the head node; its autoscaler reads it
+# (`--autoscaling-config`), and so does Ray Tune (ray.tune.execution.cluster_info) to tell a launched cluster.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type the autoscaler may add: its resources and how many workers of it it may run."""
+
+    name: str
+    resources: dict[str, float]
+    max_workers: int
+
+
+def autoscaler_node_types(bootstrap: Path = BOOTSTRAP_CONFIG) -> list[NodeType]:
+    """The worker types the cluster can grow by: from the autoscaler's config in the GCS (autoscaler v2,
+    KubeRay) or else the cluster launcher's bootstrap config on this head. Empty on a fixed cluster."""
+    try:
+        import ray._private.state
+
+        cc = ray._private.state.state.get_cluster_config()
+    except Exception:  # not connected, or a Ray without the call: treat as no autoscaler
+        cc = None
+    if cc is not None and cc.node_group_configs:
+        return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()},
+                         10_000 if g.max_count < 0 else int(g.max_count))
+                for g in cc.node_group_configs if g.max_count != 0 and g.resources]
+    path = bootstrap.expanduser()
+    if not path.is_file():
+        return []
+    try:
+        launched = yaml.safe_load(path.read_text()) or {}
+        head = launched.get("head_node_type")
+        cap = int(launched.get("max_workers", 10_000))
+        types = [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items()},
+                          min(cap, int(t.get("max_workers", cap))))
+                 for name, t in (launched.get("available_node_types") or {}).items() if name != head]
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+        print(f"[aigc] warning: cannot read the autoscaler config {path} ({e}); planning from live nodes only",
+              flush=True)
+        return []
+    return [t for t in types if t.max_workers > 0 and t.resources]
+
+
+def cluster_capacity(live: list[dict[str, float]], types: list[NodeType]) -> list[dict[str, float]]:
+    """The nodes the cluster can have: the live ones plus, per autoscaled type, the workers it may still add
+    (a live node whose CPU and GPU counts match a type counts against that type's max_workers)."""
+    nodes = [dict(n) for n in live]
+    unmatched = list(live)
+    for t in types:
+        same = [n for n in unmatched
+                if all(float(n.get(r, 0.0)) == float(t.resources.get(r, 0.0)) for r in ("CPU", "GPU"))]
+        for n in same[: t.max_workers]:
+            unmatched.remove(n)
+        nodes += [dict(t.resources) for _ in range(max(0, t.max_workers - len(same)))]
+    return nodes
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_concurrency(cfg: SearchConfig, nodes: list[dict[str, float]]) -> int:
-    """Trials at once: what fits the cluster, capped by search.max_concurrent and the number of trials.
+def _describe(nodes: list[dict[str, float]]) -> str:
+    return "; ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(n.items()) if k in ("CPU", "GPU")) + "}"
+                     for n in nodes) or "no alive nodes"
+
+
+def plan_concurrency(cfg: SearchConfig, nodes: list[dict[str, float]], types: list[NodeType] = ()) -> int:
+    """Trials at once: what fits the cluster (live nodes plus what the autoscaler may add), capped by
+    search.max_concurrent and the number of trials.
 
     A trial that cannot fit at all would wait forever; that is a configuration error, raised here."""
-    fits = fitting_trials(nodes, cfg.base, limit=total_trials(cfg))
+    fits = fitting_trials(cluster_capacity(nodes, list(types)), cfg.base, limit=total_trials(cfg))
     if fits == 0:
         sc = cfg.base.scaling
         per = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
-        have = "; ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(n.items()) if k in ("CPU", "GPU")) + "}"
-                         for n in nodes) or "no alive nodes"
+        have = _describe(nodes)
+        if types:
+            have += "; and the autoscaler may add " + ", ".join(
+                f"{t.max_workers} x {t.name} {_describe([t.resources])}" for t in types)
         raise ConfigError([
             f"base.scaling.num_workers: one trial needs {sc.num_workers} workers x ({per}) "
             f"(base.scaling.cpus_per_worker={sc.cpus_per_worker:g}"
@@ -615,7 +681,12 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     # Trials are compared with each other and a resumed search re-prepares the data: both need the packed
     # blocks in the same order every time, which Ray Data guarantees only when asked to preserve it.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    concurrency = plan_concurrency(cfg, cluster_nodes())
+    live, types = cluster_nodes(), autoscaler_node_types()
+    concurrency = plan_concurrency(cfg, live, types)
+    if types and concurrency > fitting_trials(live, cfg.base, limit=concurrency):
+        print(f"[aigc] {fitting_trials(live, cfg.base, limit=concurrency)} of the {concurrency} concurrent trials fit "
+              "the nodes up now; the rest wait for the autoscaler to add "
+              + ", ".join(t.name for t in types), flush=True)
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "

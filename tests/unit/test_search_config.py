@@ -14,8 +14,11 @@ import yaml
 from aigc.config import ConfigError, load_config
 from aigc.report import FILES, PLOTS, SearchData, TrialRecord, importance, load_search, render, spearman
 from aigc.search import (
+    NodeType,
     SearchConfig,
+    autoscaler_node_types,
     check_resume,
+    cluster_capacity,
     fitting_trials,
     plan_concurrency,
     search_dir_of,
@@ -191,6 +194,41 @@ def test_a_trial_that_cannot_fit_is_an_error_naming_the_keys():
         plan_concurrency(cfg, [{"CPU": 2.0}])
     msg = str(e.value)
     assert "base.scaling.num_workers" in msg and "base.scaling.cpus_per_worker=4" in msg and "CPU: 2" in msg
+
+
+def test_an_autoscaling_cluster_plans_from_the_node_types_it_may_add(tmp_path):
+    """cluster.yaml's head has 0 CPUs: with no worker up yet, the search plans from the types the launcher
+    may add (read from the bootstrap config it writes on the head) instead of refusing to start."""
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((ROOT / "cluster.yaml").read_text())
+    types = autoscaler_node_types(bootstrap)
+    assert {t.name: (t.resources, t.max_workers) for t in types} == {
+        "gpu_serve": ({"CPU": 2.0, "GPU": 1.0}, 4),
+        "gpu_train_4x": ({"CPU": 48.0, "GPU": 4.0}, 2),
+        "gpu_train_8x": ({"CPU": 192.0, "GPU": 8.0}, 1),
+    }
+    cfg = load_config(SearchConfig, ROOT / "tune" / "configs" / "gpt2-gpu.yaml")
+    head = [{"CPU": 0.0}]
+    with pytest.raises(ConfigError):
+        plan_concurrency(cfg, head)  # live nodes only: nothing fits
+    # 2 GPU workers a trial: 2 per gpu_train_4x (x2), 4 on the gpu_train_8x; gpu_serve's 2 CPUs hold no worker
+    assert plan_concurrency(cfg, head, types) == 8
+    # a gpu_train_4x already up counts against its type's max_workers, not on top of it
+    up = [*head, {"CPU": 48.0, "GPU": 4.0}]
+    assert len(cluster_capacity(up, types)) == len(cluster_capacity(head, types))
+    too_big = load_config(SearchConfig, ROOT / "tune" / "configs" / "gpt2-gpu.yaml",
+                          ["base.scaling.gpus_per_worker=16"])
+    with pytest.raises(ConfigError) as e:
+        plan_concurrency(too_big, head, types)
+    msg = str(e.value)
+    assert "the autoscaler may add 4 x gpu_serve" in msg and "2 x gpu_train_4x {CPU: 48, GPU: 4}" in msg
+
+
+def test_node_types_without_a_launcher_config_are_none(tmp_path):
+    assert autoscaler_node_types(tmp_path / "absent.yaml") == []
+    (tmp_path / "bad.yaml").write_text("available_node_types: [not, a, mapping]\n")
+    assert autoscaler_node_types(tmp_path / "bad.yaml") == []
+    assert cluster_capacity([{"CPU": 2.0}], [NodeType("t", {"CPU": 4.0}, 0)]) == [{"CPU": 2.0}]
 
 
 def test_micro_batch_sizes_must_fit_the_data():
