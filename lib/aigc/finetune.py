@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def _report_log_class() -> type:
             self.path = path
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None)
+            row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
 

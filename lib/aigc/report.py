@@ -30,6 +30,7 @@ import yaml
 # Kept in step with aigc.search (not imported from it: the report must not need Ray or pydantic models).
 TUNE_DIR, TRIALS_DIR, WINNER_DIR = "tune", "trials", "winner"
 SEARCH_YAML, ASHA_LEDGER, TRIAL_DONE = "search.yaml", "asha_stops.jsonl", "trial.json"
+METRICS_LOG = "metrics.jsonl"  # aigc.finetune's log of every report of a Train run
 TRIAL_DRIVER_CPU = 0.02
 
 PLOTS = ("learning_curves", "loss_vs_hparams", "parallel_coordinates", "best_so_far", "importance")
@@ -225,9 +226,12 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
             params = json.loads((tdir / "params.json").read_text())
         params = {k: v for k, v in params.items() if not space or k in space}
         results = _read_json_lines(tdir / "result.json")
-        hist = _history(results)
-        err, err_text = _error(tdir / "error.txt")
         run_dir = sdir / TRIALS_DIR / f"trial-{tid}"
+        # Tune's result.json misses the reports that arrived while a search was being interrupted (the Train
+        # run resumes after them); the run's own log has every one. Tune's line wins where both have a step.
+        run_log = [{**r, "run_done": r.get("done")} for r in _read_json_lines(run_dir / METRICS_LOG)]
+        hist = _history(run_log + results)
+        err, err_text = _error(tdir / "error.txt")
         done = json.loads((run_dir / TRIAL_DONE).read_text()) if (run_dir / TRIAL_DONE).is_file() else None
         tune_status = st.get("status") or ("TERMINATED" if done else "RUNNING")
         stop = stops.get(tid)

@@ -141,6 +141,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
         if mtime is not None:
             assert (sdir / "trials" / f"trial-{tid}" / "trial.json").stat().st_mtime_ns == mtime
     assert len(second.trials) == 4 and all(t["status"] != "running" for t in second.trials)
+    # the report's learning curves have every validation, also those made while the search was interrupted
+    from aigc.report import load_search
+
+    for t in load_search(sdir).trials:
+        assert [h["step"] for h in t.history] == list(range(EVERY, t.steps + 1, EVERY)), t.trial_id
 
 
 def test_asha_stops_weak_trials_early(search):

@@ -381,6 +381,31 @@ def test_load_search_reads_tune_and_train_folders(tmp_path):
     assert got["t_0"].cpu_hours == pytest.approx(60 * 1.0 / 3600)  # 60 s x (0.02 + 2 x 0.49) CPU
 
 
+def test_the_learning_curve_keeps_reports_tune_missed_while_interrupted(tmp_path):
+    """Interrupted at step 30, Tune's result.json lacks that report; the Train run resumed after it and its
+    own metrics.jsonl has it. The curve has every step, and Tune's line wins where both have one."""
+    cfg = load_config(SearchConfig, TINY)
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    d = tmp_path / "tune" / "t_0"
+    d.mkdir(parents=True)
+    (d / "params.json").write_text(json.dumps({"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.1}))
+    tune_lines = [{"step": s, "val_loss": 5.0 - s / 100, "timestamp": 100 + s, "time_total_s": s,
+                   "run_done": s == 40} for s in (10, 20, 40)]
+    (d / "result.json").write_text("".join(json.dumps(x) + "\n" for x in tune_lines))
+    run = tmp_path / "trials" / "trial-t_0"
+    run.mkdir(parents=True)
+    log = [{"step": s, "val_loss": 5.0 - s / 100 + (0.5 if s == 20 else 0), "timestamp": 100.5 + s, "done": s == 40}
+           for s in (10, 20, 30, 40)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    (run / "trial.json").write_text(json.dumps({"wall_s": 50.0}))
+
+    (t,) = load_search(tmp_path).trials
+    assert [h["step"] for h in t.history] == [10, 20, 30, 40]
+    assert t.history[1]["val_loss"] == pytest.approx(4.8)  # Tune's line, not the log's
+    assert t.history[2]["timestamp"] == pytest.approx(130.5) and t.history[3]["run_done"] is True
+    assert t.status == "completed" and t.steps == 40
+
+
 # ---------------------------------------------------------------------------------------- algorithms
 
 
