@@ -11,27 +11,18 @@ Re-running with the same `run.name` continues from that run's latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from aigc.config import ConfigError, FinetuneConfig, load_config
-from aigc.data import DataError
-from aigc.modeldir import ModelDirError
+from aigc.cli import config_job
+from aigc.config import FinetuneConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (defaults: the embedded tiny CPU run)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(FinetuneConfig, args.config, args.overrides)
-        from aigc.finetune import run_finetune  # imports Ray: only after the config is known to be good
-
-        result = run_finetune(cfg)
-    except (ConfigError, DataError, ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    done = config_job(argv, __doc__, FinetuneConfig, "aigc.finetune:run_finetune",
+                      config_help="YAML config (defaults: the embedded tiny CPU run)", example="optim.lr=1e-3")
+    if done is None:
         return 2
+    _, result = done
     print(f"[aigc] best model: {result.best_dir}")
     return 0
 

@@ -11,29 +11,20 @@ local in-process run takes its Ray (and the app) down when it ends unless deploy
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from aigc.config import ConfigError, load_config
-from aigc.data import DataError
-from aigc.modeldir import ModelDirError
+from aigc.cli import config_job
 from aigc.pipeline import PipelineConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="pipeline YAML: a search config plus a deploy section")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. search.num_samples=2")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
-        from aigc.pipeline import run_pipeline  # starts Ray: only once the config is known to be good
-
-        result = run_pipeline(cfg)
-    except (ConfigError, DataError, ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    done = config_job(argv, __doc__, PipelineConfig, "aigc.pipeline:run_pipeline",
+                      config_help="pipeline YAML: a search config plus a deploy section",
+                      example="search.num_samples=2")
+    if done is None:
         return 2
+    cfg, result = done
     print(f"[aigc] done: report {result.report} | winner {result.winner_dir} | endpoint {result.url}/v1")
     if cfg.deploy.keep_serving:
         print("[aigc] serving until Ctrl-C")

@@ -15,28 +15,19 @@ search without rerunning its finished trials.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from aigc.config import ConfigError, load_config
-from aigc.data import DataError
-from aigc.modeldir import ModelDirError
+from aigc.cli import config_job
 from aigc.search import SearchConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="search YAML (defaults: the embedded tiny model, 8 random trials)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. space.lr.high=1e-2")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(SearchConfig, args.config, args.overrides)
-        from aigc.search import run_search  # starts Ray: only once the config is known to be good
-
-        result = run_search(cfg)
-    except (ConfigError, DataError, ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    done = config_job(argv, __doc__, SearchConfig, "aigc.search:run_search",
+                      config_help="search YAML (defaults: the embedded tiny model, 8 random trials)",
+                      example="space.lr.high=1e-2")
+    if done is None:
         return 2
+    _, result = done
     print(f"[aigc] report: {result.report['report.html']}")
     if result.interrupted:
         print("[aigc] the search was interrupted; run the same command again to resume it")

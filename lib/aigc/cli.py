@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS = {
@@ -26,6 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv[:1])
     module, func = COMMANDS[args.command][0].split(":")
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+def config_job(argv: list[str] | None, doc: str | None, model: type, run: str, *, config_help: str,
+               example: str) -> tuple[Any, Any] | None:
+    """What jobs/finetune.py, tune/search.py and jobs/pipeline.py share: parse `--config FILE [a.b=value ...]`,
+    validate the whole config before Ray starts, then call `run` ("module:function") with it.
+
+    Returns (config, result); on a user error (config, data, model directory) prints `error: ...` to stderr
+    and returns None, for the caller to exit 2."""
+    from aigc.config import ConfigError, load_config
+    from aigc.data import DataError
+    from aigc.modeldir import ModelDirError
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(model, args.config, args.overrides)
+        module, func = run.split(":")  # imports Ray: only once the config is known to be good
+        return cfg, getattr(importlib.import_module(module), func)(cfg)
+    except (ConfigError, DataError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":
