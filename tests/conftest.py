@@ -6,9 +6,6 @@ import os
 
 import pytest
 
-# DeepSpeed picks its CPU accelerator by itself; saying so silences the warning. Compiled ops are cached
-# across runs (the first build takes ~25 s).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +18,11 @@ def has_cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+# DeepSpeed picks its accelerator by itself; saying which silences the warning. Compiled ops are cached
+# across runs (the first build takes ~25 s).
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if has_cuda() else "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aigc.config import FinetuneConfig, expand
@@ -72,39 +73,64 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
     return total / max(count, 1), int(count)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
-    cfg = FinetuneConfig.model_validate(config["cfg"])
+@dataclass
+class Engine:
+    """A worker's DeepSpeed engine and what the loop needs beside it."""
+
+    engine: Any
+    scheduler: Any
+    tokenizer: Any
+    ds_config: dict[str, Any]
+    trainable: int
+    total: int
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.ds_config["bf16"]["enabled"] else "fp16" if self.ds_config["fp16"]["enabled"] else "fp32"
+
+
+def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
+    """Load the base model through the shared loader, apply dropout, gradient checkpointing and freezing,
+    and `deepspeed.initialize` it with this run's ZeRO config on the current process group. On a GPU
+    (scaling.use_gpu) the engine lives on this process's CUDA device, in bf16 where the GPU has it."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
     import deepspeed
-    import ray.train
     import torch
 
     from aigc.modeldir import load_model
     from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
     from aigc.zero import deepspeed_config, make_scheduler
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    o, ev = cfg.optim, cfg.eval
+    o = cfg.optim
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     torch.manual_seed(o.seed)
-
-    loaded = load_model(config["base"], require_metadata=False)
+    loaded = load_model(base, require_metadata=False)
     model, tokenizer = loaded.model.train(), loaded.tokenizer
     set_dropout(model, cfg.model.dropout)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable, total = freeze_all_but_top(model, cfg.model.train_top_n_blocks)
-    bf16_ok = use_cuda and torch.cuda.is_bf16_supported()
-    ds_cfg = deepspeed_config(cfg, world, use_cuda, bf16_ok)
+    ds_cfg = deepspeed_config(cfg, world_size, use_cuda, use_cuda and torch.cuda.is_bf16_supported())
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
         lr_scheduler=make_scheduler(o),
     )
-    print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {trainable:,}/{total:,} params trainable | "
-           f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | "
-           f"precision {'bf16' if ds_cfg['bf16']['enabled'] else 'fp16' if ds_cfg['fp16']['enabled'] else 'fp32'}")
+    return Engine(engine, scheduler, tokenizer, ds_cfg, trainable, total)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    o, ev = cfg.optim, cfg.eval
+    built = build_engine(cfg, config["base"], world)
+    engine, scheduler, tokenizer, ds_cfg = built.engine, built.scheduler, built.tokenizer, built.ds_config
+    print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {built.trainable:,}/{built.total:,} params trainable | "
+           f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | precision {built.precision}")
 
     # Everything needed to continue exactly where a checkpoint left off.
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "bad_evals": 0,
