@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted:
         print("[aigc] the search was interrupted; run the same command again to resume it")
         return 1
+    if result.errors:
+        print(f"[aigc] {len(result.errors)} of {len(result.trials)} trials failed: "
+              + "; ".join(f"{tid}: {err}" for tid, err in sorted(result.errors.items())), file=sys.stderr)
+    if result.winner_dir is None:
+        print("error: no trial reported a validation loss, so there is no winner; the report's Errors section "
+              "has each failure in full", file=sys.stderr)
+        return 1
     print(f"[aigc] winner: {result.winner_dir} (trial {result.best_trial}, val loss "
           f"{result.best_metrics.get('val_loss', float('nan')):.4f})")
     return 0

@@ -214,3 +214,48 @@ def test_aigc_report_regenerates_the_report(search, tmp_path):
     assert main(["report", str(search["sdir"]), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "trials.csv").read_text() == (search["sdir"] / "trials.csv").read_text()
     assert (tmp_path / "plots" / "importance.png").is_file()
+
+
+def test_failing_trials_are_recorded_retried_and_do_not_kill_the_search(ray_local, tmp_path, capsys):
+    """The base model's weights go bad on shared storage after the driver checked the tokenizer: every
+    worker fails to load it. Train does not restart the workers (base.scaling.max_failures=0); Tune retries
+    each trial once (search.max_failures=1), and each ends as an error with the
+    worker's exception in trials.csv and the report, and the search still ends with a report and no
+    winner; the entry point says so and exits 1."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from aigc.config import TinyArch
+    from aigc.corpus import generate
+    from aigc.modeling import build_tiny_gpt2, train_tokenizer
+
+    base = tmp_path / "base"
+    tok = train_tokenizer([d["text"] for d in generate(300, seed=1)], vocab_size=300)
+    build_tiny_gpt2(TinyArch(), len(tok), 64, tok.eos_token_id).save_pretrained(base)
+    tok.save_pretrained(base)
+    AutoModelForCausalLM.from_pretrained(base)  # loads before the damage
+    (base / "model.safetensors").write_bytes(b"\x00" * 64)  # truncated: not a safetensors file any more
+
+    spec = importlib.util.spec_from_file_location("tune_search_entry", ROOT / "tune" / "search.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    sdir = tmp_path / "searches" / "broken"
+    rc = entry.main(["--config", str(ROOT / "tune" / "configs" / "tiny-cpu.yaml"),
+                     f"search.storage_path={tmp_path / 'searches'}", "search.name=broken", "search.algorithm=grid",
+                     "search.num_samples=1", "search.max_failures=1", "base.scaling.max_failures=0", "space.lr={kind: choice, values: [1.0e-3, 3.0e-3], low: null, high: null}",
+                     "space.weight_decay={kind: choice, values: [0.01]}",
+                     "space.dropout={kind: choice, values: [0.0], low: null, high: null}",
+                     f"base.model.name_or_path={base}", "base.data.block_size=64",
+                     "base.data.embedded={n_train: 300, n_validation: 60, n_test: 20, seed: 0}"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "no winner" in out.err and "2 of 2 trials failed" in out.err
+    rows = list(csv.DictReader((sdir / "trials.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "error" for r in rows)
+    assert all("model.safetensors" in r["error"] or "safetensors" in r["error"].lower() for r in rows), rows
+    for r in rows:  # the first attempt and its one retry
+        assert _attempts(sdir, r["trial_id"]) == 2
+    page = (sdir / "report.html").read_text()
+    assert "<h2>Errors</h2>" in page and all(r["trial_id"] in page for r in rows)
+    assert not (sdir / "winner").exists()
