@@ -243,19 +243,20 @@ def test_failing_trials_are_recorded_retried_and_do_not_kill_the_search(ray_loca
     sdir = tmp_path / "searches" / "broken"
     rc = entry.main(["--config", str(ROOT / "tune" / "configs" / "tiny-cpu.yaml"),
                      f"search.storage_path={tmp_path / 'searches'}", "search.name=broken", "search.algorithm=grid",
-                     "search.num_samples=1", "search.max_failures=1", "base.scaling.max_failures=0", "space.lr={kind: choice, values: [1.0e-3, 3.0e-3], low: null, high: null}",
+                     "search.num_samples=1", "search.max_failures=1", "base.scaling.max_failures=0",
+                     "space.lr={kind: choice, values: [1.0e-3, 3.0e-3], low: null, high: null}",
                      "space.weight_decay={kind: choice, values: [0.01]}",
                      "space.dropout={kind: choice, values: [0.0], low: null, high: null}",
-                     f"base.model.name_or_path={base}", "base.data.block_size=64",
+                     f"base.model.name_or_path={base}", "base.data.block_size=64", "base.scaling.num_workers=1",
                      "base.data.embedded={n_train: 300, n_validation: 60, n_test: 20, seed: 0}"])
     out = capsys.readouterr()
     assert rc == 1
     assert "no winner" in out.err and "2 of 2 trials failed" in out.err
     rows = list(csv.DictReader((sdir / "trials.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "error" for r in rows)
-    assert all("model.safetensors" in r["error"] or "safetensors" in r["error"].lower() for r in rows), rows
+    assert all("SafetensorError" in r["error"] or "safetensors" in r["error"].lower() for r in rows), rows
     for r in rows:  # the first attempt and its one retry
-        assert _attempts(sdir, r["trial_id"]) == 2
+        assert _attempts(sdir, r["trial_id"]) == 2 and r["num_failures"] == "2"
     page = (sdir / "report.html").read_text()
     assert "<h2>Errors</h2>" in page and all(r["trial_id"] in page for r in rows)
     assert not (sdir / "winner").exists()
