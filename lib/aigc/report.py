@@ -612,7 +612,7 @@ CAPTIONS = {
     "loss_vs_hparams": "Best validation loss each trial reached, against each hyperparameter (log axis where the "
                        "space is log-uniform). Hollow markers were stopped by ASHA, so their loss is from fewer steps.",
     "parallel_coordinates": "Each line is a trial across the hyperparameters and its best validation loss; colour "
-                            "is the loss (yellow = best). Axis ends show the range searched.",
+                            "is the loss (yellow = best). Axis ends show the lowest and highest value the trials tried.",
     "best_so_far": "The lowest validation loss seen so far, against wall time since the search started.",
     "importance": "A simple ranking: |Spearman rank correlation| between each hyperparameter and the validation "
                   "loss at the last step every trial reached. Indicative only with few trials.",
