@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -51,7 +53,7 @@ def test_bad_data_fails_before_workers_start(tmp_path):
 
 @pytest.fixture(scope="module")
 def head_node():
-    """`ray start --head --block` with token auth on free ports; stopped by signalling only its own group."""
+    """`ray start --head --block` with token auth on free ports; stopped by signalling only its own process."""
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="aigc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -71,11 +73,21 @@ def head_node():
     else:
         pytest.fail("head node did not come up")
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
+    # `ray start --block` stops its processes itself, but waits ~30 s on busy ones (the Serve app here);
+    # they are all ours (the head's own process group), so after 10 s they are killed
+    os.kill(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+    for p in psutil.process_iter(["cmdline"]):  # anything of this head's that left its group
+        try:
+            if any(temp in arg for arg in p.info["cmdline"] or ()):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
