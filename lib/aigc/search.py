@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 from pydantic import Field
 
+from aigc.clustercheck import NodeType, load_cluster, node_types
 from aigc.config import ConfigError, FinetuneConfig, Strict, build, expand, to_yaml
 
 TRIAL_DRIVER_CPU = 0.02  # the trial's own actor only waits on its Train run; its workers hold the real CPUs
@@ -299,18 +300,10 @@ def fitting_trials(nodes: list[dict[str, float]], base: FinetuneConfig, limit: i
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
-@dataclass(frozen=True)
-class NodeType:
-    """A node type the autoscaler may add: its resources and how many workers of it it may run."""
-
-    name: str
-    resources: dict[str, float]
-    max_workers: int
-
-
 def autoscaler_node_types(bootstrap: Path = BOOTSTRAP_CONFIG) -> list[NodeType]:
     """The worker types the cluster can grow by: from the autoscaler's config in the GCS (autoscaler v2,
-    KubeRay) or else the cluster launcher's bootstrap config on this head. Empty on a fixed cluster."""
+    KubeRay) or else the cluster launcher's bootstrap config on this head, read as `aigc.clustercheck`
+    reads cluster.yaml. Empty on a fixed cluster."""
     try:
         import ray._private.state
 
@@ -318,20 +311,19 @@ def autoscaler_node_types(bootstrap: Path = BOOTSTRAP_CONFIG) -> list[NodeType]:
     except Exception:  # not connected, or a Ray without the call: treat as no autoscaler
         cc = None
     if cc is not None and cc.node_group_configs:
-        return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()},
+        return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.min_count),
                          10_000 if g.max_count < 0 else int(g.max_count))
                 for g in cc.node_group_configs if g.max_count != 0 and g.resources]
     path = bootstrap.expanduser()
     if not path.is_file():
         return []
     try:
-        launched = yaml.safe_load(path.read_text()) or {}
-        head = launched.get("head_node_type")
+        launched = load_cluster(path)
         cap = int(launched.get("max_workers", 10_000))
-        types = [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items()},
-                          min(cap, int(t.get("max_workers", cap))))
-                 for name, t in (launched.get("available_node_types") or {}).items() if name != head]
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+        types = [replace(t, resources={k: float(v) for k, v in t.resources.items()},
+                         max_workers=min(cap, t.max_workers))
+                 for t in node_types(launched).values() if not t.is_head]
+    except (ConfigError, AttributeError, TypeError, ValueError) as e:
         print(f"[aigc] warning: cannot read the autoscaler config {path} ({e}); planning from live nodes only",
               flush=True)
         return []
@@ -683,10 +675,10 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     live, types = cluster_nodes(), autoscaler_node_types()
     concurrency = plan_concurrency(cfg, live, types)
-    if types and concurrency > fitting_trials(live, cfg.base, limit=concurrency):
-        print(f"[aigc] {fitting_trials(live, cfg.base, limit=concurrency)} of the {concurrency} concurrent trials fit "
-              "the nodes up now; the rest wait for the autoscaler to add "
-              + ", ".join(t.name for t in types), flush=True)
+    fit_now = fitting_trials(live, cfg.base, limit=concurrency)
+    if fit_now < concurrency:  # only possible with autoscaled types: otherwise the live nodes are the plan
+        print(f"[aigc] {fit_now} of the {concurrency} concurrent trials fit the nodes up now; the rest wait for "
+              "the autoscaler to add " + ", ".join(t.name for t in types), flush=True)
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aigc.clustercheck import NodeType
 from aigc.config import ConfigError, load_config
 from aigc.report import FILES, PLOTS, SearchData, TrialRecord, importance, load_search, render, spearman
 from aigc.search import (
-    NodeType,
     SearchConfig,
     autoscaler_node_types,
     check_resume,
@@ -228,7 +228,7 @@ def test_node_types_without_a_launcher_config_are_none(tmp_path):
     assert autoscaler_node_types(tmp_path / "absent.yaml") == []
     (tmp_path / "bad.yaml").write_text("available_node_types: [not, a, mapping]\n")
     assert autoscaler_node_types(tmp_path / "bad.yaml") == []
-    assert cluster_capacity([{"CPU": 2.0}], [NodeType("t", {"CPU": 4.0}, 0)]) == [{"CPU": 2.0}]
+    assert cluster_capacity([{"CPU": 2.0}], [NodeType("t", {"CPU": 4.0}, max_workers=0)]) == [{"CPU": 2.0}]
 
 
 def test_micro_batch_sizes_must_fit_the_data():
