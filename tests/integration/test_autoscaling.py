@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from private_head import own_processes, stop_private_head
 
 from aigc.clustercheck import NodeType, load_cluster, node_types, place
 
@@ -135,44 +135,13 @@ class FakeAutoscalingCluster:
         return self.address
 
     def _own_processes(self) -> list:
-        """Every process whose command line names this cluster's temp dir: the head's, the fake nodes'
-        raylets and agents (the autoscaler starts those, outside the head's process group), their workers."""
-        import psutil
-
-        mine = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(self.temp in arg for arg in p.info["cmdline"] or ()):
-                    mine.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return mine
+        return own_processes(self.temp)
 
     def shutdown(self) -> None:
-        import psutil
-
-        if self.proc is not None and self.proc.poll() is None:
-            # `ray start --block` stops the head's processes itself, but waits ~30 s on busy ones; they are
-            # all ours (its own process group, our temp dir), so after 10 s they are killed
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        left = self._own_processes()
-        for p in left:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(left, timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(self.temp, ignore_errors=True)
+        if self.proc is not None:
+            stop_private_head(self.proc, self.temp)
+        else:
+            shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

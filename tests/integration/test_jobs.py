@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from private_head import stop_private_head
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,21 +71,7 @@ def head_node():
     else:
         pytest.fail("head node did not come up")
     yield address, env
-    # `ray start --block` stops its processes itself, but waits ~30 s on busy ones (the Serve app here);
-    # they are all ours (the head's own process group), so after 10 s they are killed
-    os.kill(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=10)
-    for p in psutil.process_iter(["cmdline"]):  # anything of this head's that left its group
-        try:
-            if any(temp in arg for arg in p.info["cmdline"] or ()):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    shutil.rmtree(temp, ignore_errors=True)
+    stop_private_head(head, temp)
 
 
 def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
