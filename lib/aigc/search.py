@@ -409,6 +409,25 @@ class _TrialDriver:
         return {"best_dir": r.best_dir, "best_metrics": r.best_metrics, "final_metrics": r.metrics}
 
 
+def ended_before(sdir: Path, run_dir: Path, trial_id: str) -> str | None:
+    """How a trial ended, when its own files say it has: exported its model, or stopped by ASHA.
+
+    Tune saves a trial's end in its experiment state a moment after the trial writes it here; a search
+    interrupted in that moment restores the trial as unfinished and starts it again.
+    """
+    if (run_dir / TRIAL_DONE).is_file():
+        return "finished"
+    ledger = sdir / ASHA_LEDGER
+    if ledger.is_file():
+        for line in ledger.read_text().splitlines():
+            try:
+                if line.strip() and json.loads(line).get("trial_id") == trial_id:
+                    return "was stopped by ASHA"
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    return None
+
+
 def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepared: Any = None) -> None:
     """One Tune trial: a full fine-tune of the base config with `params` set."""
     import ray
@@ -420,6 +439,10 @@ def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepare
     trial_id = tune.get_context().get_trial_id()
     tcfg = trial_config(cfg, params, trial_id)
     run_dir = run_dir_of(tcfg)
+    ended = ended_before(search_dir_of(cfg), run_dir, trial_id)
+    if ended:  # Tune was interrupted before it recorded the end: do not train (or export) it again
+        print(f"[aigc] trial {trial_id} {ended} before the search was interrupted; not run again", flush=True)
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "attempts.jsonl", "a") as f:  # a retried or resumed trial adds a line
         f.write(json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n")

@@ -53,7 +53,7 @@ def _finished(sdir: Path) -> set[str]:
 
 def _interrupt_when_one_finishes(sdir: Path, stop: threading.Event) -> threading.Thread:
     def watch():
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):  # soon after the end: Tune may not have saved it yet (the trial must not rerun)
             if _finished(sdir):
                 os.kill(os.getpid(), signal.SIGUSR1)  # Tune: stop, save the experiment state, return
                 return

@@ -19,6 +19,7 @@ from aigc.search import (
     autoscaler_node_types,
     check_resume,
     cluster_capacity,
+    ended_before,
     fitting_trials,
     plan_concurrency,
     search_dir_of,
@@ -256,6 +257,23 @@ def test_resume_refuses_a_changed_search_but_allows_operational_changes(tmp_path
     with pytest.raises(ConfigError) as e:
         check_resume(load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.01"]), sdir)
     assert any(p.startswith("space.lr.high: 0.03") for p in e.value.problems)
+
+
+def test_a_trial_that_ended_just_before_an_interrupt_is_not_run_again(tmp_path):
+    """Tune may restore a trial as unfinished when the search was interrupted between the trial's end (its
+    trial.json, or ASHA's ledger line) and Tune saving its experiment state: its own files say it ended."""
+    sdir, run_dir = tmp_path / "s", tmp_path / "s" / "trials" / "trial-t_00001"
+    run_dir.mkdir(parents=True)
+    assert ended_before(sdir, run_dir, "t_00001") is None  # no ledger, no trial.json: run it
+    (sdir / "asha_stops.jsonl").write_text(json.dumps({"trial_id": "t_00000", "step": 10}) + "\n{\"trial_id\": \"t_0")
+    assert ended_before(sdir, run_dir, "t_00001") is None  # another trial's stop; a line cut short is skipped
+    with open(sdir / "asha_stops.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"trial_id": "t_00001", "step": 10}) + "\n")
+    assert ended_before(sdir, run_dir, "t_00001") == "was stopped by ASHA"
+    other = sdir / "trials" / "trial-t_00002"
+    other.mkdir()
+    (other / "trial.json").write_text("{}")
+    assert ended_before(sdir, other, "t_00002") == "finished"
 
 
 # ------------------------------------------------------------------------------------------- report
