@@ -134,3 +134,29 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
     steps = [r["step"] for r in log]
     assert steps == sorted(steps) and steps[0] == 10  # restarted from the last checkpoint, never from 0
     assert verify_model_dir(result.final_dir)["step"] == 80
+
+
+def test_ray_data_packing_counts_what_the_packer_makes(ray_local, tmp_path):
+    """The distributed tokenise+pack (several blocks, parallel tasks) and its counts equal one driver-side pack."""
+    import json
+
+    import numpy as np
+
+    from aigc.config import DataConfig
+    from aigc.data import load_splits, make_packer, to_ray_blocks
+    from aigc.modeling import train_tokenizer
+
+    docs = [f"note {i}: write to user{i}@example.com about order {i * 7}." for i in range(300)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(source="files", train_files=[str(tmp_path / "d.jsonl")], split_ratios=(0.8, 0.1, 0.1),
+                     block_size=32, scrub_pii=True)
+    splits = load_splits(cfg)
+    tok = train_tokenizer(docs, vocab_size=300)
+    packed = to_ray_blocks(splits, tok, cfg, docs_per_batch=50)  # 240 train documents: 5 map tasks
+    pack = make_packer(tok, cfg.block_size, cfg.scrub_pii)
+    for name in ("train", "validation", "test"):
+        chunks = [pack({"text": np.array(splits[name]["text"][i:i + 50], dtype=object)})
+                  for i in range(0, len(splits[name]), 50)]
+        assert packed.blocks[name] == sum(len(c["input_ids"]) for c in chunks) == packed.datasets[name].count()
+        assert packed.tokens[name] == sum(int(c["n_tokens"].sum()) for c in chunks)
+    assert packed.pii == {"email": 300, "phone": 0, "card": 0, "national_id": 0}
