@@ -257,33 +257,52 @@ class Placement:
     unplaced: list[Resources] = field(default_factory=list)
 
 
+# Ray's scheduler counts resources in units of 1/10,000 (its FixedPoint); packing in those units makes
+# 0.02 + 2 x 0.49 exactly 1.0 CPU, as the raylet sees it, where floats leave 2 - ... = -1e-16.
+RESOURCE_UNITS = 10_000
+
+
+def _to_units(res: Mapping[str, float]) -> dict[str, int]:
+    return {k: round(float(v) * RESOURCE_UNITS) for k, v in res.items()}
+
+
+def _from_units(res: Mapping[str, int]) -> Resources:
+    return {k: v / RESOURCE_UNITS for k, v in res.items()}
+
+
+def bin_pack(nodes: list[Resources], bundles: list[Resources]) -> tuple[list[Resources], list[Resources]]:
+    """(bundles that do not fit, what is left on each node) when `bundles` are packed onto `nodes` by the
+    Ray autoscaler's own bin-packing (`get_bin_pack_residual`), in Ray's resource units."""
+    from ray.autoscaler._private.resource_demand_scheduler import get_bin_pack_residual
+
+    unplaced, left = get_bin_pack_residual([_to_units(n) for n in nodes], [_to_units(b) for b in bundles])
+    return [_from_units(b) for b in unplaced], [_from_units(n) for n in left]
+
+
 def place(bundles: list[Resources], types: Mapping[str, NodeType], max_workers: int | None = None) -> Placement:
     """The worker nodes the autoscaler would launch for `bundles`, by Ray's own bin-packing: what fits on
     the head goes there, then node types are added one at a time by Ray's utilisation scorer (the one the
     cluster launcher's autoscaler uses) until everything is placed or no type may grow."""
     from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
-    from ray.autoscaler._private.resource_demand_scheduler import (
-        _default_utilization_scorer,
-        get_bin_pack_residual,
-        get_nodes_for,
-    )
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 
     head = next((t for t in types.values() if t.is_head), None)
     residual = [dict(b) for b in bundles]
     if head is not None:
-        residual, _ = get_bin_pack_residual([dict(head.resources)], residual)
-    config = {t.name: {"resources": dict(t.resources), "min_workers": t.min_workers, "max_workers": t.max_workers}
-              for t in types.values()}
+        residual, _ = bin_pack([dict(head.resources)], residual)
+    config = {t.name: {"resources": _to_units(t.resources), "min_workers": t.min_workers,
+                       "max_workers": t.max_workers} for t in types.values()}
     scorer = functools.partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
     quiet = logging.getLogger("ray.autoscaler._private.resource_demand_scheduler")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "could not find a node type": the caller reports `unplaced` itself
     try:
         nodes, unplaced = get_nodes_for(config, {head.name: 1} if head else {}, head.name if head else "",
-                                        max_workers if max_workers is not None else 10**6, residual, scorer)
+                                        max_workers if max_workers is not None else 10**6,
+                                        [_to_units(b) for b in residual], scorer)
     finally:
         quiet.setLevel(level)
-    return Placement({k: v for k, v in nodes.items() if v}, list(unplaced))
+    return Placement({k: v for k, v in nodes.items() if v}, [_from_units(b) for b in unplaced])
 
 
 def _fmt(res: Mapping[str, float]) -> str:

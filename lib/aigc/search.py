@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from pydantic import Field
 
-from aigc.clustercheck import NodeType, load_cluster, node_types
+from aigc.clustercheck import NodeType, bin_pack, load_cluster, node_types
 from aigc.config import ConfigError, FinetuneConfig, Strict, build, expand, to_yaml
 
 TRIAL_DRIVER_CPU = 0.02  # the trial's own actor only waits on its Train run; its workers hold the real CPUs
@@ -273,25 +273,20 @@ def trial_bundles(base: FinetuneConfig) -> tuple[dict[str, float], list[dict[str
 
 
 def fitting_trials(nodes: list[dict[str, float]], base: FinetuneConfig, limit: int = 10_000) -> int:
-    """How many trials' bundles the nodes hold at once (first fit; a Train worker's bundle sits on one node).
+    """How many trials' bundles the nodes hold at once, added one trial at a time as Tune starts them and
+    packed as Ray's autoscaler packs (`aigc.clustercheck.bin_pack`; a Train worker's bundle sits on one node).
 
     e.g. one node {CPU: 2}, 2 workers x 0.49 CPU + 0.02 for the trial actor = 1.0 CPU a trial -> 2 trials.
     """
-    free = [dict(n) for n in nodes]
-    driver, workers = trial_bundles(base)
-    eps = 1e-9  # 0.02 + 2 x 0.49 must count as exactly 1.0 CPU
-
-    def place(bundle: dict[str, float]) -> bool:
-        for node in free:
-            if all(node.get(r, 0.0) + eps >= need for r, need in bundle.items()):
-                for r, need in bundle.items():
-                    node[r] = node.get(r, 0.0) - need
-                return True
-        return False
-
+    actor, workers = trial_bundles(base)
+    asked = set(actor) | {r for w in workers for r in w}
+    free = [{r: v for r, v in n.items() if r in asked} for n in nodes]  # node:<ip>, memory, ... never asked for
     n = 0
-    while n < limit and all(place(b) for b in (driver, *workers)):
-        n += 1
+    while n < limit:
+        unplaced, left = bin_pack(free, [actor, *workers])
+        if unplaced:
+            break
+        free, n = left, n + 1
     return n
 
 
@@ -330,9 +325,10 @@ def autoscaler_node_types(bootstrap: Path = BOOTSTRAP_CONFIG) -> list[NodeType]:
     return [t for t in types if t.max_workers > 0 and t.resources]
 
 
-def cluster_capacity(live: list[dict[str, float]], types: list[NodeType]) -> list[dict[str, float]]:
+def cluster_capacity(live: list[dict[str, float]], types: list[NodeType], most: int = 10_000) -> list[dict[str, float]]:
     """The nodes the cluster can have: the live ones plus, per autoscaled type, the workers it may still add
-    (a live node whose CPU and GPU counts match a type counts against that type's max_workers)."""
+    (a live node whose CPU and GPU counts match a type counts against that type's max_workers), at most
+    `most` of each type (n bundles never use more than n nodes of one type)."""
     nodes = [dict(n) for n in live]
     unmatched = list(live)
     for t in types:
@@ -340,7 +336,7 @@ def cluster_capacity(live: list[dict[str, float]], types: list[NodeType]) -> lis
                 if all(float(n.get(r, 0.0)) == float(t.resources.get(r, 0.0)) for r in ("CPU", "GPU"))]
         for n in same[: t.max_workers]:
             unmatched.remove(n)
-        nodes += [dict(t.resources) for _ in range(max(0, t.max_workers - len(same)))]
+        nodes += [dict(t.resources) for _ in range(min(most, max(0, t.max_workers - len(same))))]
     return nodes
 
 
@@ -360,7 +356,9 @@ def plan_concurrency(cfg: SearchConfig, nodes: list[dict[str, float]], types: li
     search.max_concurrent and the number of trials.
 
     A trial that cannot fit at all would wait forever; that is a configuration error, raised here."""
-    fits = fitting_trials(cluster_capacity(nodes, list(types)), cfg.base, limit=total_trials(cfg))
+    limit = total_trials(cfg)
+    bundles = limit * (1 + cfg.base.scaling.num_workers)
+    fits = fitting_trials(cluster_capacity(nodes, list(types), most=bundles), cfg.base, limit=limit)
     if fits == 0:
         sc = cfg.base.scaling
         per = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")

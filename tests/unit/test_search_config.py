@@ -179,6 +179,25 @@ def test_concurrency_arithmetic():
     assert fitting_trials(nodes, _base(num_workers=2, **gpu).base) == 4
     assert fitting_trials(nodes, _base(num_workers=3, **gpu).base) == 2
     assert fitting_trials([{"CPU": 64.0}], _base(num_workers=1, **gpu).base) == 0  # no GPU at all
+    # live nodes as ray.nodes() lists them: resources no trial asks for do not get in the way
+    assert fitting_trials([{"CPU": 2.0, "memory": 8e9, "node:10.0.0.1": 1.0}], _base().base) == 2
+
+
+def test_fractional_cpus_pack_in_rays_units_not_floats():
+    """0.2 + 0.1 CPU fill a 0.3-CPU node for Ray's scheduler (1/10,000 units); in floats 0.3 - 0.2 < 0.1."""
+    from aigc.clustercheck import bin_pack
+
+    assert bin_pack([{"CPU": 0.3}], [{"CPU": 0.1}, {"CPU": 0.2}]) == ([], [{"CPU": 0.0}])
+    assert bin_pack([{"CPU": 0.3}], [{"CPU": 0.2}, {"CPU": 0.2}]) == ([{"CPU": 0.2}], [{"CPU": 0.1}])
+    # 3 x 0.1 CPU workers + 0.02 for the trial: 0.32 a trial; 0.96 holds exactly 3
+    assert fitting_trials([{"CPU": 0.96}], _base(cpus_per_worker=0.1, num_workers=3).base) == 3
+
+
+def test_an_unbounded_node_type_plans_up_to_the_trial_count():
+    """A type without max_workers (the GCS reports -1) offers as many nodes as the trials could use."""
+    cfg = load_config(SearchConfig, TINY, ["search.num_samples=50", "search.algorithm=random", "search.max_concurrent=null"])
+    assert plan_concurrency(cfg, [{"CPU": 0.0}], [NodeType("cpu", {"CPU": 1.0}, max_workers=10_000)]) == 50
+    assert len(cluster_capacity([], [NodeType("cpu", {"CPU": 1.0}, max_workers=10_000)], most=150)) == 150
 
 
 def test_concurrency_is_capped_by_the_config_and_the_trial_count():
