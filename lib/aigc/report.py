@@ -139,7 +139,7 @@ class Report:
 # --------------------------------------------------------------------------------------------- load
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -215,7 +215,7 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
 
     exp = sdir / TUNE_DIR
     states = _trial_states(exp)
-    stops = {s["trial_id"]: s for s in _read_json_lines(sdir / ASHA_LEDGER)}
+    stops = {s["trial_id"]: s for s in read_json_lines(sdir / ASHA_LEDGER)}
     ids = sorted(set(states) | {p.name for p in exp.iterdir() if p.is_dir() and (p / "params.json").is_file()}
                  if exp.is_dir() else set(states))
     trials, starts = [], []
@@ -225,11 +225,11 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
         if (tdir / "params.json").is_file():
             params = json.loads((tdir / "params.json").read_text())
         params = {k: v for k, v in params.items() if not space or k in space}
-        results = _read_json_lines(tdir / "result.json")
+        results = read_json_lines(tdir / "result.json")
         run_dir = sdir / TRIALS_DIR / f"trial-{tid}"
         # Tune's result.json misses the reports that arrived while a search was being interrupted (the Train
         # run resumes after them); the run's own log has every one. Tune's line wins where both have a step.
-        run_log = [{**r, "run_done": r.get("done")} for r in _read_json_lines(run_dir / METRICS_LOG)]
+        run_log = [{**r, "run_done": r.get("done")} for r in read_json_lines(run_dir / METRICS_LOG)]
         hist = _history(run_log + results)
         err, err_text = _error(tdir / "error.txt")
         done = json.loads((run_dir / TRIAL_DONE).read_text()) if (run_dir / TRIAL_DONE).is_file() else None

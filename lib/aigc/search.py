@@ -413,16 +413,12 @@ def ended_before(sdir: Path, run_dir: Path, trial_id: str) -> str | None:
     Tune saves a trial's end in its experiment state a moment after the trial writes it here; a search
     interrupted in that moment restores the trial as unfinished and starts it again.
     """
+    from aigc.report import read_json_lines
+
     if (run_dir / TRIAL_DONE).is_file():
         return "finished"
-    ledger = sdir / ASHA_LEDGER
-    if ledger.is_file():
-        for line in ledger.read_text().splitlines():
-            try:
-                if line.strip() and json.loads(line).get("trial_id") == trial_id:
-                    return "was stopped by ASHA"
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
+    if any(s.get("trial_id") == trial_id for s in read_json_lines(sdir / ASHA_LEDGER)):
+        return "was stopped by ASHA"
     return None
 
 
@@ -477,10 +473,11 @@ def _asha(cfg: SearchConfig, ledger: Path) -> Any:
                 self._replay(ledger.parent / TUNE_DIR)
 
         def _replay(self, exp: Path) -> None:
+            from aigc.report import read_json_lines
+
             (bracket,) = self._brackets  # one bracket: asynchronous successive halving
             for results in exp.glob("*/result.json"):
-                seen = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-                seen = [r for r in seen if r.get("step") is not None and r.get(METRIC) is not None]
+                seen = [r for r in read_json_lines(results) if r.get("step") is not None and r.get(METRIC) is not None]
                 for milestone, recorded in bracket._rungs:
                     first = next((r for r in seen if r["step"] >= milestone), None)
                     if first is not None and first["step"] < self._max_t:
