@@ -134,9 +134,6 @@ class FakeAutoscalingCluster:
             time.sleep(0.5)
         return self.address
 
-    def _own_processes(self) -> list:
-        return own_processes(self.temp)
-
     def shutdown(self) -> None:
         if self.proc is not None:
             stop_private_head(self.proc, self.temp)
@@ -176,7 +173,7 @@ def fake_cluster(cluster_yaml):
         ray.shutdown()
         cluster.shutdown()
         mp.undo()
-    assert cluster._own_processes() == []  # nothing of ours is left running
+    assert own_processes(cluster.temp) == []  # nothing of ours is left running
 
 
 def worker_nodes(ctx) -> list[tuple[str, str]]:
