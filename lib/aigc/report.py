@@ -243,6 +243,8 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
                     and max_steps and last.get("step", 0) < max_steps:
                 stop = {"step": last.get("step")}  # stopped without a ledger line (e.g. a ledger lost with a node)
             status = ("stopped by ASHA" if stop else "early-stopped" if last.get("stopped_early") else "completed")
+            if stop and stop.get("step") is not None:  # the run may report once more before Tune's stop lands
+                hist = [h for h in hist if h["step"] <= stop["step"]]
         else:
             status = "pending" if tune_status == "PENDING" and not results else "running"
         wall = float(done["wall_s"]) if done else float(max((r.get("time_total_s") or 0) for r in results) if results else 0)

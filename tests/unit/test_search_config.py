@@ -401,6 +401,10 @@ def test_load_search_reads_tune_and_train_folders(tmp_path):
                   for t, s in statuses.items()]
     (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
     (tmp_path / "asha_stops.jsonl").write_text(json.dumps({"trial_id": "t_1", "step": 20, "val_loss": 5.8}) + "\n")
+    # t_1's run reported once more (its own log) before Tune's stop reached it: not part of its curve
+    (tmp_path / "trials" / "trial-t_1").mkdir(parents=True)
+    (tmp_path / "trials" / "trial-t_1" / "metrics.jsonl").write_text(
+        json.dumps({"step": 30, "val_loss": 4.0, "val_ppl": 1.0, "timestamp": 130}) + "\n")
     best = tmp_path / "trials" / "trial-t_0" / "best"
     best.mkdir(parents=True)
     (best / "aigc.json").write_text("{}")
@@ -411,6 +415,7 @@ def test_load_search_reads_tune_and_train_folders(tmp_path):
                                                      "t_3": "running", "t_4": "pending"}
     assert [t.trial_id for t in data.trials] == ["t_0", "t_1", "t_2", "t_3", "t_4"]  # by best val loss; no results last
     assert got["t_1"].asha_stop_step == 20 and got["t_0"].asha_stop_step is None
+    assert got["t_1"].steps == 20 and [h["step"] for h in got["t_1"].history] == [10, 20]
     assert got["t_2"].error == "ValueError: boom" and got["t_2"].num_failures == 1
     assert got["t_0"].model_dir == str(best) and got["t_1"].model_dir is None
     assert got["t_0"].best_val_loss == pytest.approx(4.4) and got["t_0"].steps == 60
