@@ -11,6 +11,10 @@ A row that finishes leaves the batch (its KV-cache rows are dropped), so long ro
 short ones. :class:`BatchStream` also takes new rows while it runs (continuous batching, what the
 server uses): a new group is prefilled on its own and joins the batch at the next step.
 
+The pieces: :mod:`aigc.sampling` (SamplingParams and the free :func:`~aigc.sampling.sample`),
+:class:`Row` here (a row's text, stop strings and UTF-8), :mod:`aigc.kvcache` (the cache surgery, tied to
+transformers' internals), and :class:`BatchStream`, which only schedules.
+
 Context limit: a prompt must fit in the model's positions with room for one new token
 (``prompt_tokens <= max_positions - 1``); a row stops with ``finish_reason="length"`` when it reaches
 ``max_tokens`` or the model's last position, whichever comes first.
@@ -18,7 +22,6 @@ Context limit: a prompt must fit in the model's positions with room for one new 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import secrets
 import threading
@@ -27,12 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, field_validator
 
-from aigc.config import Strict
-
-MAX_STOP = 4  # as in the OpenAI API
+from aigc.kvcache import KVCache
+from aigc.sampling import SamplingParams, sample
 
 
 class GenerationError(ValueError):
@@ -41,32 +41,6 @@ class GenerationError(ValueError):
     def __init__(self, param: str, message: str):
         self.param = param
         super().__init__(f"{param}: {message}")
-
-
-class SamplingParams(Strict):
-    """Per-request sampling; every field is checked here and nowhere else (the HTTP edge reuses it)."""
-
-    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 = greedy (argmax)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: keep the smallest top set with this mass")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
-    max_tokens: int = Field(16, ge=1, description="new tokens at most (also capped by the model's positions)")
-    stop: list[str] = Field(
-        default_factory=list, max_length=MAX_STOP, description="stop strings; the text ends before the first one"
-    )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="seed of this row's generator; None = random")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop(cls, v: Any) -> Any:
-        # OpenAI accepts a single string or a list; null means none
-        return [] if v is None else [v] if isinstance(v, str) else v
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty(cls, v: list[str]) -> list[str]:
-        if any(s == "" for s in v):
-            raise ValueError("stop strings must be non-empty")
-        return v
 
 
 @dataclass
@@ -86,18 +60,6 @@ class Delta:
     finish_reason: str | None = None  # set on the row's last delta
     n_tokens: int = 0  # tokens the row has generated so far
     token_ids: list[int] | None = None  # all of them, on the row's last delta
-
-
-@dataclass
-class _Row:
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    max_new: int  # max_tokens, or fewer when the model's positions run out first
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already handed out
-    finish_reason: str | None = None
 
 
 def max_positions(model: Any) -> int:
@@ -135,11 +97,6 @@ def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _cache_kwarg(model: Any) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _stop_holdback(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` that could be the start of a stop string (not shown yet)."""
     best = 0
@@ -149,6 +106,58 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
                 best = k
                 break
     return best
+
+
+@dataclass
+class Row:
+    """One request's decoding: its tokens, its text, and how much of that text is safe to show yet.
+
+    :meth:`push` takes each sampled token and hands back the text that became safe: never part of a stop
+    string (the text ends before the first one, even one that spans tokens) and never half a UTF-8
+    character (a byte-level token can end mid-character; the decoder shows that as U+FFFD until the rest
+    arrives)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    max_new: int  # max_tokens, or fewer when the model's positions run out first
+    decode: Callable[[list[int]], str]  # token ids -> text
+    eos: set[int] = field(default_factory=set)
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None
+
+    def push(self, tok: int) -> tuple[str, str | None] | None:
+        """Add a sampled token: (new text to show, finish_reason once the row ends), or None when
+        nothing new can be shown yet."""
+        self.out_ids.append(tok)
+        if tok in self.eos:
+            return self._close(len(self.text), "stop")
+        # Decoding the whole output each step keeps multi-byte characters and tokenizer-specific
+        # spacing right; for outputs of a few hundred tokens it costs microseconds.
+        self.text = self.decode(self.out_ids)
+        stops = self.params.stop
+        if stops:
+            start = max(0, self.emitted - max(len(s) for s in stops) + 1)
+            hits = [h for h in (self.text.find(s, start) for s in stops) if h >= 0]
+            if hits:
+                return self._close(min(hits), "stop")
+        if len(self.out_ids) >= self.max_new:
+            return self._close(len(self.text), "length")
+        safe = len(self.text) - _stop_holdback(self.text, stops)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+            safe -= 1
+        if safe <= self.emitted:
+            return None
+        piece, self.emitted = self.text[self.emitted : safe], safe
+        return piece, None
+
+    def _close(self, end: int, reason: str) -> tuple[str, str]:
+        self.text = self.text[:end]
+        piece, self.emitted = self.text[self.emitted :], len(self.text)
+        self.finish_reason = reason
+        return piece, reason
 
 
 class BatchStream:
@@ -161,6 +170,9 @@ class BatchStream:
     Finished rows leave the batch at once. Iterating (``for deltas in stream``) steps until every row
     is done. :meth:`finish` ends a row from outside (a client gone, a moderation hit).
     `last_logits` maps each row that got a token in the last step to its float32 logits (for tests).
+
+    This class only schedules: sampling is :func:`aigc.sampling.sample`, a row's text is :class:`Row`,
+    and the cache surgery is :class:`aigc.kvcache.KVCache`.
     """
 
     def __init__(
@@ -180,17 +192,16 @@ class BatchStream:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos or {0})
         self.max_batch_size = max_batch_size
         self.keep_finished = keep_finished  # False in a long-running server: a finished row is forgotten
-        self._cache_kw = _cache_kwarg(model)
         self._decode_text = _decoder(tokenizer)
         self._lock = threading.Lock()  # add/finish may come from another thread than step
-        self.rows: dict[int, _Row] = {}
+        self.rows: dict[int, Row] = {}
         self._ids = itertools.count()
         self._pending: list[int] = []  # added, not yet prefilled
         self._external: dict[int, str] = {}
         self.active: list[int] = []  # row id of each batch position
         self.last_logits: dict[int, torch.Tensor] = {}
-        self._cache: Any = None
-        self._mask = self._pos = self._next = None
+        self._cache: KVCache | None = None
+        self._pos = self._next = None  # per batch position: its last position id, its next input token
         if len(prompts) or (not isinstance(params, SamplingParams) and len(params)):
             self.add(prompts, params)
 
@@ -218,7 +229,7 @@ class BatchStream:
             room = self.ctx - len(ids)
             gen = torch.Generator(device="cpu")
             gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            rows.append(_Row(ids, p, gen, min(p.max_tokens, room)))
+            rows.append(Row(ids, p, gen, min(p.max_tokens, room), self._decode_text, self.eos))
         with self._lock:
             ids = [next(self._ids) for _ in rows]
             self.rows.update(zip(ids, rows, strict=True))
@@ -261,7 +272,7 @@ class BatchStream:
         with self._lock:
             external, self._external = self._external, {}
             room = len(self._pending) if self.max_batch_size is None else self.max_batch_size - len(self.active)
-            if self.active and not self._mergeable():
+            if self.active and not self._cache.mergeable():
                 room = 0  # a cache that cannot be padded and joined: new rows wait for the batch to drain
             start, self._pending = self._pending[: max(room, 0)], self._pending[max(room, 0) :]
         deltas = [self._end(i, reason) for i, reason in external.items() if self.rows[i].finish_reason is None]
@@ -294,160 +305,69 @@ class BatchStream:
                 self._pending.remove(i)
         return Delta(i, "", reason, len(r.out_ids), list(r.out_ids))
 
-    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
+            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache.inputs()
         )
         return out.logits[:, -1, :].float()
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older signature without config
-            return DynamicCache()
-
-    def _prefill(self, rows: list[int]) -> tuple[tuple[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _prefill(self, rows: list[int]) -> tuple[tuple[KVCache, torch.Tensor], torch.Tensor]:
         ids = [self.rows[i].prompt_ids for i in rows]
         width = max(len(x) for x in ids)
         # left padding: [pad pad t0 t1 t2] so every row's last token is in the last column
         input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads sit at 0; real tokens count from 0
-        cache = self._new_cache()
-        logits = self._forward(input_ids, mask, positions, cache)
-        return (cache, mask, positions[:, -1]), logits
+        cache = KVCache(self.model, mask)
+        logits = self._forward(input_ids, positions, cache)
+        return (cache, positions[:, -1]), logits
 
     def _decode(self) -> torch.Tensor:
-        ones = torch.ones((len(self.active), 1), dtype=self._mask.dtype, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
+        self._cache.grow()
         self._pos = self._pos + 1
-        return self._forward(self._next[:, None], self._mask, self._pos[:, None], self._cache)
+        return self._forward(self._next[:, None], self._pos[:, None], self._cache)
 
-    def _mergeable(self) -> bool:
-        from transformers.cache_utils import DynamicLayer
-
-        layers = getattr(self._cache, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-    def _join(self, group: tuple[Any, torch.Tensor, torch.Tensor], rows: list[int]) -> None:
-        """Append a prefilled group to the running batch: left-pad the shorter cache, concatenate rows."""
-        cache, mask, pos = group
+    def _join(self, group: tuple[KVCache, torch.Tensor], rows: list[int]) -> None:
+        """Append a prefilled group to the running batch."""
+        cache, pos = group
         nxt = torch.tensor([self.rows[i].out_ids[-1] for i in rows], device=self.device)
         if not self.active:
-            self._cache, self._mask, self._pos, self._next, self.active = cache, mask, pos, nxt, list(rows)
+            self._cache, self._pos, self._next, self.active = cache, pos, nxt, list(rows)
             return
-        width = max(self._mask.shape[1], mask.shape[1])
-        pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            # [batch, heads, seq, head_dim]: pad seq on the left (masked out), stack the batches
-            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        self._cache.extend(cache)
         self._pos = torch.cat([self._pos, pos])
         self._next = torch.cat([self._next, nxt])
         self.active = self.active + list(rows)
 
     def _keep(self, rows: list[int]) -> None:
-        """Shrink the batch to `rows` (dropping finished ones from the tensors and the KV cache) and cut
-        the leading columns that are padding in every remaining row."""
+        """Shrink the batch to `rows`, dropping finished ones from the tensors and the KV cache."""
         if rows == self.active:
             return
         if not rows:
-            self.active, self._cache, self._mask, self._pos, self._next = [], None, None, None, None
+            self.active, self._cache, self._pos, self._next = [], None, None, None
             return
         where = {i: k for k, i in enumerate(self.active)}
         sel = torch.tensor([where[i] for i in rows], device=self.device)
-        self._cache.batch_select_indices(sel)
-        self._mask, self._pos, self._next = self._mask[sel], self._pos[sel], self._next[sel]
+        self._cache.select(sel)
+        self._pos, self._next = self._pos[sel], self._next[sel]
         self.active = rows
-        first = int(self._mask.any(dim=0).int().argmax())
-        if first > 0 and self._mergeable():
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self._mask = self._mask[:, first:]
-
-    def _sample(self, rows: list[int], logits: torch.Tensor) -> list[int]:
-        """Per-row greedy / temperature (+ top-k, top-p) sampling, one uniform draw per sampled row."""
-        params = [self.rows[i].params for i in rows]
-        tokens = logits.argmax(dim=-1)
-        # Which CDF a row samples from depends on its own parameters only (vocabulary order for plain
-        # temperature sampling, sorted order when it filters), so a seed gives the same token whatever
-        # else is in the batch; and the sort is paid only by rows that need it.
-        plain = [j for j, p in enumerate(params) if p.temperature > 0 and not p.top_k and p.top_p >= 1.0]
-        filtered = [j for j, p in enumerate(params) if p.temperature > 0 and (p.top_k or p.top_p < 1.0)]
-        for group, sort in ((plain, False), (filtered, True)):
-            if group:
-                idx = torch.tensor(group, device=logits.device)
-                tokens[idx] = self._draw([rows[j] for j in group], logits[idx], sort)
-        return tokens.tolist()
-
-    def _draw(self, rows: list[int], logits: torch.Tensor, sort: bool) -> torch.Tensor:
-        params = [self.rows[i].params for i in rows]
-        vocab = logits.shape[-1]
-        temp = torch.tensor([p.temperature for p in params], device=logits.device)
-        scaled = logits / temp[:, None]
-        if sort:
-            top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
-            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-            scaled, order = scaled.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=logits.device)
-            probs = scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(dim=-1)
-            # nucleus: drop a token when the mass before it already reaches top_p (the top token stays)
-            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
-        else:
-            probs = scaled.softmax(dim=-1)
-        cdf = probs.cumsum(dim=-1)
-        # inverse-CDF sampling with one uniform from the row's own generator: batch-independent
-        u = torch.cat([torch.rand(1, generator=self.rows[i].generator) for i in rows])
-        pick = torch.searchsorted(cdf, (u.to(logits.device) * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
-        return (order.gather(1, pick) if sort else pick).squeeze(1)
 
     def _advance(self, rows: list[int], logits: torch.Tensor) -> list[Delta]:
         for i, row_logits in zip(rows, logits, strict=True):
             self.last_logits[i] = row_logits
-        tokens = self._sample(rows, logits)
+        picked = [self.rows[i] for i in rows]
+        tokens = sample(logits, [r.params for r in picked], [r.generator for r in picked])
         if rows is self.active or rows == self.active:
             self._next = torch.tensor(tokens, device=self.device)
         return [d for d in (self._push(i, t) for i, t in zip(rows, tokens, strict=True)) if d is not None]
 
     def _push(self, i: int, tok: int) -> Delta | None:
         r = self.rows[i]
-        r.out_ids.append(tok)
-        if tok in self.eos:
-            return self._close(r, i, len(r.text), "stop")
-        # Decoding the whole output each step keeps multi-byte characters and tokenizer-specific
-        # spacing right; for outputs of a few hundred tokens it costs microseconds.
-        r.text = self._decode_text(r.out_ids)
-        stops = r.params.stop
-        if stops:
-            start = max(0, r.emitted - max(len(s) for s in stops) + 1)
-            hits = [h for h in (r.text.find(s, start) for s in stops) if h >= 0]
-            if hits:
-                return self._close(r, i, min(hits), "stop")
-        if len(r.out_ids) >= r.max_new:
-            return self._close(r, i, len(r.text), "length")
-        safe = len(r.text) - _stop_holdback(r.text, stops)
-        while safe > r.emitted and r.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-            safe -= 1
-        if safe <= r.emitted:
+        out = r.push(tok)
+        if out is None:
             return None
-        delta = Delta(i, r.text[r.emitted : safe], None, len(r.out_ids))
-        r.emitted = safe
-        return delta
-
-    def _close(self, r: _Row, i: int, end: int, reason: str) -> Delta:
-        r.text = r.text[:end]
-        delta = Delta(i, r.text[r.emitted :], reason, len(r.out_ids), list(r.out_ids))
-        r.emitted = len(r.text)
-        r.finish_reason = reason
-        return delta
+        text, reason = out
+        return Delta(i, text, reason, len(r.out_ids), list(r.out_ids) if reason is not None else None)
 
 
 def stream_generate(
