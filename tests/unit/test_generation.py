@@ -1,10 +1,13 @@
-"""The one generation path: validation, per-row sampling, batch-independent seeds, stops, KV cache."""
+"""The one generation path: validation, per-row sampling, batch-independent seeds, stops, KV cache.
+
+`sample` and `Row` are tested on their own first (no model), then the whole path on the tiny model."""
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from aigc.generation import GenerationError, SamplingParams, generate, max_positions, stream_generate
+from aigc.generation import GenerationError, Row, SamplingParams, generate, max_positions, stream_generate
+from aigc.sampling import sample
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -57,6 +60,129 @@ def test_empty_and_too_long_prompts_are_refused(lm):
     with pytest.raises(GenerationError) as e:
         generate(lm.model, lm.tokenizer, ["ok", [5] * ctx], GREEDY)
     assert e.value.param == "prompt[1]" and str(ctx) in str(e.value)
+
+
+# ------------------------------------------------------------------------------ sample, without a model
+
+
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _draws(logits, params, seeds):
+    """The token each seed draws from one row of logits."""
+    return [sample(logits[None], [params], _gens(s))[0] for s in seeds]
+
+
+def test_greedy_picks_the_argmax_and_draws_nothing():
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    gens = _gens(*range(5))
+    before = [g.get_state() for g in gens]
+    assert sample(logits, [SamplingParams(temperature=0)] * 5, gens) == logits.argmax(-1).tolist()
+    assert all(torch.equal(g.get_state(), b) for g, b in zip(gens, before, strict=True))
+
+
+def test_top_k_1_equals_greedy_at_any_temperature():
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=t, top_k=1) for t in (0.1, 1.0, 5.0, 0.5, 2.0, 100.0)]
+    assert sample(logits, params, _gens(*range(6))) == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_the_k_most_likely():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0, 2.9])
+    drawn = set(_draws(logits, SamplingParams(temperature=10.0, top_k=3), range(200)))
+    assert drawn == {1, 3, 5}  # a hot temperature reaches all three, and nothing past them
+
+
+def test_top_p_masks_the_tail():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    # mass before each token: 0, 0.5, 0.8, 0.95; top_p=0.75 keeps the first two
+    drawn = _draws(logits, SamplingParams(top_p=0.75), range(300))
+    assert set(drawn) == {0, 1}
+    assert 0.5 < drawn.count(0) / len(drawn) < 0.75  # renormalised: 0.5 / 0.8 = 0.625
+    assert set(_draws(logits, SamplingParams(top_p=1e-6), range(50))) == {0}  # a tiny nucleus is greedy
+
+
+def test_a_seeded_generator_is_reproducible_and_batch_independent():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(seed=7), SamplingParams(top_p=0.9, top_k=20), SamplingParams(temperature=0),
+              SamplingParams(temperature=0.7)]
+    seeds = (7, 8, 9, 10)
+    gens = _gens(*seeds)
+    first = [sample(logits, params, gens) for _ in range(5)]
+    gens = _gens(*seeds)
+    assert [sample(logits, params, gens) for _ in range(5)] == first
+    assert len({tuple(step) for step in first}) > 1  # the generators advance: not the same token every step
+    for row in range(4):  # each row alone draws what it drew in company
+        gen = _gens(seeds[row])
+        assert [sample(logits[row : row + 1], [params[row]], gen)[0] for _ in range(5)] == [s[row] for s in first]
+
+
+def test_temperature_scales_the_logits():
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    for t in (0.25, 0.5, 2.0, 4.0):
+        for top_k in (0, 10):  # the vocabulary-order and the sorted (filtering) CDF
+            hot = _draws(logits[0], SamplingParams(temperature=t, top_k=top_k), range(20))
+            assert hot == _draws(logits[0] / t, SamplingParams(temperature=1.0, top_k=top_k), range(20))
+    top = int(logits.argmax())
+    cold = _draws(logits[0], SamplingParams(temperature=0.05), range(100))
+    warm = _draws(logits[0], SamplingParams(temperature=5.0), range(100))
+    assert cold.count(top) > 90 and warm.count(top) < 50 and len(set(warm)) > len(set(cold))
+
+
+def test_sample_refuses_mismatched_rows():
+    with pytest.raises(ValueError, match="2 rows"):
+        sample(torch.zeros(2, 8), [SamplingParams()], _gens(0))
+
+
+# -------------------------------------------------------------------------------- Row, without a model
+
+VOCAB = ["Save", " big", " E", "N", "D", "!", " now", "E"]
+
+
+def _row(stop=(), max_new=20, decode=None, eos=()):
+    decode = decode or (lambda ids: "".join(VOCAB[i] for i in ids))
+    return Row([0], SamplingParams(stop=list(stop)), torch.Generator(), max_new, decode, set(eos))
+
+
+def _push_all(row, tokens):
+    return [row.push(t) for t in tokens]
+
+
+def test_row_holds_back_a_stop_string_split_across_tokens():
+    row = _row(stop=[" END"])
+    out = _push_all(row, [0, 1, 2, 3, 4])  # "Save", " big", " E", "N", "D": the stop ends the row
+    assert out == [("Save", None), (" big", None), None, None, ("", "stop")]
+    assert row.text == "Save big" and row.finish_reason == "stop" and row.out_ids == [0, 1, 2, 3, 4]
+
+
+def test_row_releases_held_back_text_that_turns_out_not_to_be_a_stop():
+    row = _row(stop=[" END"])
+    out = _push_all(row, [0, 2, 3, 5])  # " E", "N" could start " END"; "!" shows they did not
+    assert out == [("Save", None), None, None, (" EN!", None)]
+    assert row.push(6) == (" now", None) and row.finish_reason is None
+
+
+def test_row_cuts_at_the_earliest_of_several_stops_even_inside_one_token():
+    row = _row(stop=["!", "ig"])
+    assert _push_all(row, [0, 1]) == [("Save", None), (" b", "stop")]
+    assert row.text == "Save b"
+
+
+def test_row_holds_back_a_partial_utf8_character():
+    pieces = [b"caf", b"\xc3", b"\xa9", b" \xe2\x82", b"\xac"]  # "café €" with both characters split
+    row = _row(decode=lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace"))
+    out = _push_all(row, range(5))
+    assert out == [("caf", None), None, ("é", None), (" ", None), ("€", None)]
+    assert row.text == "café €"
+
+
+def test_row_ends_on_eos_and_on_max_new():
+    row = _row(eos=[7])
+    assert _push_all(row, [0, 7]) == [("Save", None), ("", "stop")]
+    assert row.text == "Save" and row.out_ids == [0, 7]
+    row = _row(max_new=2, stop=[" END"])
+    assert _push_all(row, [0, 2]) == [("Save", None), (" E", "length")]  # the held-back " E" comes out at the end
 
 
 # ------------------------------------------------------------------------------------ decode exactness
