@@ -1,4 +1,5 @@
-"""Fine-tune a causal LM with Ray Train + DeepSpeed ZeRO, then compare test perplexity before and after.
+"""`python jobs/finetune.py --config FILE [a.b=value ...]`: fine-tune a causal LM with Ray Train + DeepSpeed
+ZeRO, then compare test perplexity before and after.
 
     python jobs/finetune.py --config jobs/configs/tiny-cpu.yaml                 # in-process (local Ray)
     python jobs/finetune.py --config jobs/configs/tiny-cpu.yaml optim.lr=1e-3 zero.stage=3
@@ -6,25 +7,19 @@
       ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
       python jobs/finetune.py --config jobs/configs/tiny-cpu.yaml                 # against a running cluster
 
-Re-running with the same `run.name` continues from that run's latest checkpoint.
+The same as `aigc finetune` (what `ray job submit` runs). Re-running with the same `run.name` continues
+from that run's latest checkpoint.
 """
 
 from __future__ import annotations
 
 import sys
 
-from aigc.cli import config_job
-from aigc.config import FinetuneConfig
+from aigc.cli import finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    done = config_job(argv, __doc__, FinetuneConfig, "aigc.finetune:run_finetune",
-                      config_help="YAML config (defaults: the embedded tiny CPU run)", example="optim.lr=1e-3")
-    if done is None:
-        return 2
-    _, result = done
-    print(f"[aigc] best model: {result.best_dir}")
-    return 0
+    return finetune(argv, doc=__doc__)
 
 
 if __name__ == "__main__":

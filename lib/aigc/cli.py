@@ -1,56 +1,273 @@
-"""`aigc` command line: thin subcommands that call into the library.
+"""`aigc`: the one command line. Each verb calls a library function; `aigc VERB --help` shows its
+arguments and every config field it takes (full dotted key, type, default, description).
 
-    aigc corpus --out DIR            write the embedded train/validation/test corpus
-    aigc report SEARCH_DIR           (re)generate the search report of a finished or partial search
-    aigc serve --model DIR           deploy a model directory on Ray Serve (OpenAI-compatible HTTP)
+    aigc finetune --config jobs/configs/tiny-cpu.yaml optim.lr=1e-3     fine-tune (Ray Train + DeepSpeed ZeRO)
+    aigc search --config tune/configs/tiny-cpu.yaml space.lr.high=1e-2   search hyperparameters (Ray Tune)
+    aigc pipeline --config jobs/configs/pipeline-tiny-cpu.yaml           search, report, winner, Serve
+    aigc serve --model DIR [a.b=value ...]                               serve a model directory over HTTP
+    aigc report SEARCH_DIR                                               (re)generate a search report
+    aigc corpus --out DIR                                                write the embedded corpus
+    aigc check-cluster [--cluster cluster.yaml] [CONFIG ...]             check a cluster.yaml offline
+
+`ray job submit` runs the scripts jobs/finetune.py, tune/search.py and jobs/pipeline.py, which call the
+same functions as `aigc finetune`, `aigc search` and `aigc pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import inspect
+import json
+import os
+import re
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-# subcommand -> "module:function"; each function takes the remaining argv and returns an exit code.
-COMMANDS = {
-    "corpus": ("aigc.corpus_cli:main", "write the embedded commerce corpus"),
-    "report": ("aigc.report:main", "regenerate a search report"),
-    "serve": ("aigc.serving:main", "serve a model directory over HTTP"),
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
+
+# The one allowed exception to "imports at the top": each verb imports its heavy modules (Ray, torch,
+# transformers, DeepSpeed) inside its function, so `aigc --help` and a rejected config stay fast.
+
+C = TypeVar("C", bound=BaseModel)
+R = TypeVar("R")
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+# ------------------------------------------------------------------------------------- config help
+
+
+def _type_name(annotation: Any) -> str:
+    """`int | None`, `Literal['cosine', 'linear']`, `ParamSpec`: module paths dropped."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
+
+
+def config_fields(model: type[BaseModel], values: BaseModel | None = None, prefix: str = "") -> list[str]:
+    """One entry per field of `model`, nested sections recursively, each as `key: type = default` and its
+    description on the next line; defaults are YAML/JSON literals, as they are typed after `key=`.
+    `values` gives the defaults of a nested section (a parent may default it to other than its own)."""
+    lines = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if values is not None:
+            value = getattr(values, name)
+        elif f.default is PydanticUndefined and f.default_factory is None:
+            value = PydanticUndefined
+        else:
+            value = f.get_default(call_default_factory=True)
+        description = f.description or ""
+        if isinstance(value, BaseModel):  # a section: its own fields, with this default's values
+            lines.append(f"  {key}: {_type_name(type(value))}")
+        else:
+            shown = "required" if value is PydanticUndefined else json.dumps(value, default=str)
+            lines.append(f"  {key}: {_type_name(f.annotation)} = {shown}")
+        if description:
+            lines.append(f"      {description}")
+        if isinstance(value, BaseModel):
+            lines += config_fields(type(value), value, f"{key}.")
+    return lines
+
+
+def config_help(model: type[BaseModel], how: str = "set with key=value after the options, or in the YAML file") -> str:
+    """The `--help` epilog listing every field of `model` (see :func:`config_fields`)."""
+    return "\n".join([f"{model.__name__} fields ({how}):", *config_fields(model)])
+
+
+# ------------------------------------------------------------------------------------- config verbs
+
+
+def config_job(argv: list[str] | None, model: type[C], run: Callable[[C], R], *, prog: str | None,
+               description: str | None, config_help_text: str, example: str) -> tuple[C, R] | None:
+    """What `aigc finetune|search|pipeline` (and the scripts `ray job submit` runs) share: parse
+    `--config FILE [a.b=value ...]`, validate the whole config before Ray starts, then `run(config)`.
+
+    Returns (config, result); on a user error (config, data, model directory) prints `error: ...` to stderr
+    and returns None, for the caller to exit 2."""
+    from aigc.data import DataError  # on use, like the verbs' imports (see the note at the top)
+    from aigc.modeldir import ModelDirError
+
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=config_help(model), formatter_class=RAW)
+    p.add_argument("--config", help=config_help_text)
+    p.add_argument("overrides", nargs="*", help=f"section.key=value overrides (fields below), e.g. {example}")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(model, args.config, args.overrides)
+        return cfg, run(cfg)
+    except (ConfigError, DataError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def finetune(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """Fine-tune a causal LM with Ray Train + DeepSpeed ZeRO, then compare test perplexity before and after.
+
+        aigc finetune --config jobs/configs/tiny-cpu.yaml optim.lr=1e-3 zero.stage=3
+        ray job submit --working-dir . -- python jobs/finetune.py --config ...    # on a cluster
+
+    Re-running with the same run.name continues from that run's latest checkpoint.
+    """
+
+    def run(cfg: FinetuneConfig) -> Any:
+        from aigc.finetune import run_finetune  # Ray, torch, DeepSpeed: only once the config is known good
+
+        return run_finetune(cfg)
+
+    done = config_job(argv, FinetuneConfig, run, prog=prog, description=doc or inspect.getdoc(finetune),
+                      config_help_text="YAML config (defaults: the embedded tiny CPU run)", example="optim.lr=1e-3")
+    if done is None:
+        return 2
+    _, result = done
+    print(f"[aigc] best model: {result.best_dir}")
+    return 0
+
+
+def search(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """Search fine-tuning hyperparameters with Ray Tune: ASHA on validation loss, a report, the winner exported.
+
+        aigc search --config tune/configs/tiny-cpu.yaml search.num_samples=8 space.lr.high=1e-2
+        ray job submit --working-dir . -- python tune/search.py --config ...      # on a cluster
+
+    Results land in <search.storage_path>/<search.name>/ (report.html, trials.csv, winner/); the same
+    command resumes an interrupted search without rerunning its finished trials.
+    """
+    from aigc.search import SearchConfig, run_search
+
+    done = config_job(argv, SearchConfig, run_search, prog=prog, description=doc or inspect.getdoc(search),
+                      config_help_text="search YAML (defaults: the embedded tiny model, 8 random trials)",
+                      example="space.lr.high=1e-2")
+    if done is None:
+        return 2
+    _, result = done
+    print(f"[aigc] report: {result.report['report.html']}")
+    if result.interrupted:
+        print("[aigc] the search was interrupted; run the same command again to resume it")
+        return 1
+    if result.errors:
+        print(f"[aigc] {len(result.errors)} of {len(result.trials)} trials failed: "
+              + "; ".join(f"{tid}: {err}" for tid, err in sorted(result.errors.items())), file=sys.stderr)
+    if result.winner_dir is None:
+        print("error: no trial reported a validation loss, so there is no winner; the report's Errors section "
+              "has each failure in full", file=sys.stderr)
+        return 1
+    print(f"[aigc] winner: {result.winner_dir} (trial {result.best_trial}, val loss "
+          f"{result.best_metrics.get('val_loss', float('nan')):.4f})")
+    return 0
+
+
+def pipeline(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """The whole loop as one job: search, report, winner export, deploy (or update) on Serve, a smoke request.
+
+        aigc pipeline --config jobs/configs/pipeline-tiny-cpu.yaml deploy.keep_serving=true
+        ray job submit --working-dir . -- python jobs/pipeline.py --config ...    # on a cluster
+
+    On a cluster the Serve app outlives the job; a local in-process run takes its Ray (and the app) down
+    when it ends unless deploy.keep_serving=true.
+    """
+    from aigc.pipeline import PipelineConfig, run_pipeline
+
+    done = config_job(argv, PipelineConfig, run_pipeline, prog=prog, description=doc or inspect.getdoc(pipeline),
+                      config_help_text="pipeline YAML: a search config plus a deploy section",
+                      example="search.num_samples=2")
+    if done is None:
+        return 2
+    cfg, result = done
+    print(f"[aigc] done: report {result.report} | winner {result.winner_dir} | endpoint {result.url}/v1")
+    if cfg.deploy.keep_serving:
+        print("[aigc] serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+# -------------------------------------------------------------------------- verbs with their own main
+
+
+def _own_main(main: Callable[[list[str]], int | None], argv: list[str], model: type[BaseModel] | None = None) -> int:
+    """Run a module's own `main(argv)`; when asked for --help, its help is followed by `model`'s fields."""
+    if model is not None and {"-h", "--help"} & set(argv):
+        try:
+            main(["--help"])
+        except SystemExit:  # argparse's help exits
+            pass
+        print("\n" + config_help(model, "set with a.b=value after the options"))
+        return 0
+    return int(main(argv) or 0)
+
+
+def serve(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Serve a model directory on Ray Serve behind an OpenAI-compatible HTTP API."""
+    from aigc.serving import ServeArgs
+    from aigc.serving import main as serve_main
+
+    return _own_main(serve_main, list(argv or []), ServeArgs)
+
+
+def report(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """(Re)generate the report of a finished, running or interrupted search."""
+    from aigc.report import main as report_main
+
+    return _own_main(report_main, list(argv or []))
+
+
+def check_cluster(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Check a Ray cluster launcher config (cluster.yaml) and the configs meant to run on it, offline."""
+    from aigc.clustercheck import main as clustercheck_main
+
+    return _own_main(clustercheck_main, list(argv or []))
+
+
+def corpus(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Write the embedded commerce corpus as train/validation/test jsonl files (and its grammar)."""
+    from aigc.corpus import write_corpus
+
+    p = argparse.ArgumentParser(prog=prog, description=inspect.getdoc(corpus))
+    p.add_argument("--out", required=True, help="output folder")
+    for name, f in EmbeddedCorpus.model_fields.items():  # the options are data.embedded's fields
+        p.add_argument(f"--{name.replace('_', '-')}", type=f.annotation, default=f.default,
+                       help=f"{f.description} (default: %(default)s)")
+    values = vars(p.parse_args(argv))
+    out = values.pop("out")
+    try:
+        spec = build(EmbeddedCorpus, values, "corpus options")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(write_corpus(out, **spec.model_dump()), indent=2))
+    return 0
+
+
+VERBS: dict[str, Callable[..., int]] = {
+    "finetune": finetune,
+    "search": search,
+    "pipeline": pipeline,
+    "serve": serve,
+    "report": report,
+    "corpus": corpus,
+    "check-cluster": check_cluster,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="aigc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
-    args, rest = parser.parse_known_args(argv[:1])
-    module, func = COMMANDS[args.command][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-
-
-def config_job(argv: list[str] | None, doc: str | None, model: type, run: str, *, config_help: str,
-               example: str) -> tuple[Any, Any] | None:
-    """What jobs/finetune.py, tune/search.py and jobs/pipeline.py share: parse `--config FILE [a.b=value ...]`,
-    validate the whole config before Ray starts, then call `run` ("module:function") with it.
-
-    Returns (config, result); on a user error (config, data, model directory) prints `error: ...` to stderr
-    and returns None, for the caller to exit 2."""
-    from aigc.config import ConfigError, load_config
-    from aigc.data import DataError
-    from aigc.modeldir import ModelDirError
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=config_help)
-    p.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(model, args.config, args.overrides)
-        module, func = run.split(":")  # imports Ray: only once the config is known to be good
-        return cfg, getattr(importlib.import_module(module), func)(cfg)
-    except (ConfigError, DataError, ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    """`aigc [--verbose] VERB [ARGS ...]`: run one verb and return its exit code."""
+    parser = argparse.ArgumentParser(prog="aigc", description=__doc__, formatter_class=RAW)
+    parser.add_argument("--verbose", action="store_true", help="debug logging (AIGC_LOG_LEVEL=debug) for the verb")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, fn in VERBS.items():
+        # the verb parses its own arguments, its --help included: here nothing after VERB is an option
+        sub = verbs.add_parser(name, help=inspect.getdoc(fn).splitlines()[0], add_help=False, prefix_chars="\0")
+        sub.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.verbose:
+        os.environ["AIGC_LOG_LEVEL"] = "debug"
+    return VERBS[ns.verb](ns.args, prog=f"aigc {ns.verb}")
 
 
 if __name__ == "__main__":

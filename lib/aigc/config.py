@@ -67,9 +67,9 @@ class DataConfig(Strict):
 class TinyArch(Strict):
     """A GPT-2-style architecture built from a config (no pretrained weights): the embedded default."""
 
-    n_layer: int = Field(2, ge=1)
-    n_embd: int = Field(64, ge=8)
-    n_head: int = Field(2, ge=1)
+    n_layer: int = Field(2, ge=1, description="transformer blocks")
+    n_embd: int = Field(64, ge=8, description="width of the residual stream (a multiple of n_head)")
+    n_head: int = Field(2, ge=1, description="attention heads per block")
     vocab_size: int = Field(512, ge=260, description="size of the byte-level BPE vocabulary trained on the train split")
 
 
@@ -77,7 +77,7 @@ class ModelConfig(Strict):
     """The base model: a hub id or local directory for `from_pretrained`, or a tiny GPT-2 built from `arch`."""
 
     name_or_path: str | None = Field(None, description="hub id (e.g. 'gpt2') or local model directory; None -> arch")
-    arch: TinyArch = Field(default_factory=TinyArch)
+    arch: TinyArch = Field(default_factory=TinyArch, description="the tiny GPT-2 built when name_or_path is None")
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="residual/attention/embedding dropout; None keeps the model's own"
     )
@@ -93,27 +93,31 @@ class ModelConfig(Strict):
 class OptimConfig(Strict):
     """AdamW with decoupled weight decay (none on biases and norms), warmup then decay."""
 
-    lr: float = Field(3e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(20, ge=0)
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak learning rate, reached at the end of warmup")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW decoupled weight decay (not on biases/norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2) moment decay rates")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon added to the denominator")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup, from lr down to lr * min_lr_ratio at max_steps"
+    )
+    warmup_steps: int = Field(20, ge=0, description="optimizer steps of linear warmup from ~0 to lr")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of lr")
     max_steps: int = Field(300, ge=1, description="optimizer steps (each = micro_batch * grad_accum * workers blocks)")
     micro_batch_size: int = Field(8, ge=1, description="blocks per worker per forward")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 disables")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of torch on every worker, the tiny model's weight init and the data shuffle")
 
 
 class ZeroConfig(Strict):
     """DeepSpeed ZeRO: what is partitioned across workers and what is offloaded to host memory."""
 
-    stage: Literal[0, 1, 2, 3] = 2
+    stage: Literal[0, 1, 2, 3] = Field(
+        2, description="0 off; 1 optimizer state, 2 + gradients, 3 + parameters partitioned across workers"
+    )
     offload_optimizer: bool = Field(False, description="optimizer state in CPU memory (DeepSpeedCPUAdam)")
     offload_param: bool = Field(False, description="parameters in CPU memory (stage 3 only)")
     overlap_comm: bool = Field(True, description="overlap gradient reduction with backward")
@@ -122,9 +126,9 @@ class ZeroConfig(Strict):
 class ScalingConfig(Strict):
     """Ray Train workers: one DeepSpeed rank each."""
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed ranks, data-parallel)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; false: CPU workers with gloo")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each worker")
     gpus_per_worker: float = Field(1.0, gt=0.0, description="used when use_gpu")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
 
@@ -143,7 +147,10 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     """Names and storage: re-running the same name continues from its latest checkpoint."""
 
-    name: str = Field("tiny-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    name: str = Field(
+        "tiny-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="the run's folder under storage_path; the same name resumes from its latest checkpoint",
+    )
     storage_path: str = Field(
         "~/aigc/runs", description="local folder; on a multi-node cluster a folder every node shares (EFS/NFS)"
     )
@@ -157,13 +164,13 @@ class RunConfig(Strict):
 class FinetuneConfig(Strict):
     """Everything one fine-tuning run needs; `jobs/finetune.py` loads it."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    zero: ZeroConfig = Field(default_factory=ZeroConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="the run's name, storage and final steps")
+    data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from, how it is blocked")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model and what of it trains")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer, schedule, batch and precision")
+    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="DeepSpeed ZeRO partitioning and offload")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers and their resources")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="validation, early stopping, checkpoints kept")
 
     def problems(self) -> list[str]:
         """Cross-field checks that no single field can make; each names the keys involved."""
