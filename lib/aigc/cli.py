@@ -60,15 +60,15 @@ def config_fields(model: type[BaseModel], values: BaseModel | None = None, prefi
             value = PydanticUndefined
         else:
             value = f.get_default(call_default_factory=True)
-        description = f.description or ""
-        if isinstance(value, BaseModel):  # a section: its own fields, with this default's values
+        section = isinstance(value, BaseModel)
+        if section:
             lines.append(f"  {key}: {_type_name(type(value))}")
         else:
             shown = "required" if value is PydanticUndefined else json.dumps(value, default=str)
             lines.append(f"  {key}: {_type_name(f.annotation)} = {shown}")
-        if description:
-            lines.append(f"      {description}")
-        if isinstance(value, BaseModel):
+        if f.description:
+            lines.append(f"      {f.description}")
+        if section:  # its own fields, with this default's values
             lines += config_fields(type(value), value, f"{key}.")
     return lines
 
@@ -191,7 +191,8 @@ def pipeline(argv: list[str] | None = None, prog: str | None = None, doc: str | 
 
 
 def _own_main(main: Callable[[list[str]], int | None], argv: list[str], model: type[BaseModel] | None = None) -> int:
-    """Run a module's own `main(argv)`; when asked for --help, its help is followed by `model`'s fields."""
+    """Run a module's own `main(argv)`; when asked for --help, its help is followed by `model`'s fields.
+    (Those modules' parsers name themselves, so these verbs take `prog` only to share the verb signature.)"""
     if model is not None and {"-h", "--help"} & set(argv):
         try:
             main(["--help"])
