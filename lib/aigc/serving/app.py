@@ -89,6 +89,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
 
 
+# Everything the replica's methods use is defined above it: `serve.ingress` pickles the class as it is
+# declared, and a name defined further down would be missing from the copy that runs.
+
+
 @dataclass
 class _Call:
     """One completions request in flight: what it asked for and what it got so far, per prompt."""
@@ -116,6 +120,58 @@ class _Call:
     def took(self, index: int, text: str, reason: str | None) -> None:
         self.first = self.first or (time.perf_counter() if text else None)
         self.reasons[index] = reason or self.reasons[index]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; a 413 naming `body` once it passes `limit` bytes (before reading any of it when
+    the client declared a larger Content-Length)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body: {declared} bytes exceeds the limit of {limit} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body: more than the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as they come; closing the merge closes them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(s: AsyncIterator[Any]) -> None:
+        try:
+            async for item in s:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:  # on early exit (client gone): stop the pumps first, so each stream's cleanup runs once
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -262,58 +318,6 @@ class ModelServer:
     async def check_health(self) -> None:
         """Serve's health check: the replica is replaced if this raises (e.g. the model is broken)."""
         await self.engine.check()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; a 413 naming `body` once it passes `limit` bytes (before reading any of it when
-    the client declared a larger Content-Length)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body: {declared} bytes exceeds the limit of {limit} bytes", "body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body: more than the limit of {limit} bytes", "body")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
-    """Items of several async iterators as they come; closing the merge closes them all."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for item in only:
-                yield item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(s: AsyncIterator[Any]) -> None:
-        try:
-            async for item in s:
-                await queue.put(item)
-            await queue.put(done)
-        except Exception as e:
-            await queue.put(e)
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:  # on early exit (client gone): stop the pumps first, so each stream's cleanup runs once
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
 
 
 # ---------------------------------------------------------------------------------------- building
