@@ -71,6 +71,7 @@ api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def error_response(e: ApiError) -> JSONResponse:
+    """The OpenAI-format error response of `e`."""
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
