@@ -6,7 +6,7 @@
 In one run, on one machine, with the same model directory:
   baseline  one request at a time through `transformers` `model.generate` in this process
   direct    one request at a time through `aigc.generation.generate` in this process (no HTTP)
-  serve     the Serve app (`aigc.serving`) over HTTP at concurrency 1, 8 and 32 (closed loop: each
+  serve     the Serve app (`aigc.serving.app`) over HTTP at concurrency 1, 8 and 32 (closed loop: each
             client sends its next request when the previous answer arrives)
 Every request samples `--max-tokens` new tokens (temperature 1); tokens/s counts the completion tokens
 actually returned. The three are measured in alternating rounds (baseline, direct, serve at each
@@ -177,7 +177,7 @@ def main() -> int:
 
     from aigc.generation import SamplingParams, generate
     from aigc.modeldir import load_model
-    from aigc.serving import build_app
+    from aigc.serving.app import build_app
 
     model_dir = a.model or tiny_model_dir(tempfile.mkdtemp(prefix="aigc-bench-"))
     print(f"model {model_dir}, {a.max_tokens} new tokens per request, {os.cpu_count()} CPU cores, "

@@ -6,10 +6,11 @@
     serve deploy serve/config.yaml              # a running cluster (`ray up cluster.yaml`, `ray start --head`)
     aigc serve --model DIR                      # the same app from aigc's command line
 
-Arguments are `aigc.serving.ServeArgs` fields: flat `a.b=value` strings from `serve run`, or the nested
+Arguments are `aigc.serving.args.ServeArgs` fields: flat `a.b=value` strings from `serve run`, or the nested
 `args:` mapping of serve/config.yaml. Unknown keys and bad values fail before anything is deployed.
 """
 
-from aigc.serving import ServeArgs, app_builder, build_app
+from aigc.serving.app import app_builder, build_app
+from aigc.serving.args import ServeArgs
 
 __all__ = ["ServeArgs", "app_builder", "build_app"]

@@ -336,8 +336,8 @@ def serve_demand(raw: Mapping[str, Any], source: str = "serve") -> Demand:
     parts = []
     for app in raw.get("applications") or []:
         defaults: dict[str, dict[str, Any]] = {}
-        if str(app.get("import_path", "")).startswith(("aigc.serving:", "serve.app:")):
-            from aigc.serving import deployment_options, parse_args
+        if str(app.get("import_path", "")).startswith(("aigc.serving.app:", "serve.app:")):
+            from aigc.serving.args import deployment_options, parse_args
 
             opts = deployment_options(parse_args(app.get("args") or {}))
             defaults[opts["name"]] = opts

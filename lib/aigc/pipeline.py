@@ -10,6 +10,7 @@ from pydantic import Field
 
 from aigc.config import ConfigError, Strict
 from aigc.search import SearchConfig
+from aigc.serving.args import parse_args
 
 WINNER_PLACEHOLDER = "<winner>"
 
@@ -22,7 +23,7 @@ class DeployConfig(Strict):
     host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
     port: int = Field(8000, ge=1, le=65535)
     args: dict[str, Any] = Field(
-        default_factory=dict, description="ServeArgs fields (see aigc.serving) except model_dir, e.g. num_cpus"
+        default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus"
     )
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1)
     smoke_max_tokens: int = Field(32, ge=1)
@@ -40,8 +41,6 @@ class PipelineConfig(SearchConfig):
         if "model_dir" in self.deploy.args:
             out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
             return out
-        from aigc.serving import parse_args
-
         try:
             parse_args({**self.deploy.args, "model_dir": WINNER_PLACEHOLDER})
         except ConfigError as e:
@@ -61,7 +60,7 @@ def deploy(winner_dir: str, d: DeployConfig) -> str:
     """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers."""
     from ray import serve
 
-    from aigc.serving import build_app
+    from aigc.serving.app import build_app  # Ray, FastAPI and torch: not on the config's import path
 
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
@@ -96,7 +95,6 @@ def smoke(url: str, d: DeployConfig, model: str, api_key: str | None = None) -> 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from aigc.search import run_search
-    from aigc.serving import parse_args
 
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
     result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))

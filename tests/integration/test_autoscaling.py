@@ -288,7 +288,7 @@ def _replicas() -> Counter:
 def test_serve_replicas_scaling_up_under_load_add_a_node(fake_cluster, tiny_model_dir):
     from ray import serve
 
-    from aigc.serving import build_app
+    from aigc.serving.app import build_app
 
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -75,7 +75,7 @@ def served(ray_local, tiny_model_dir, lm):
     from ray import serve
 
     from aigc.generation import SamplingParams, generate
-    from aigc.serving import build_app
+    from aigc.serving.app import build_app
 
     # the output moderation test needs a term the model will produce: part of a greedy continuation
     # (the random tiny model repeats itself, e.g. " onPPPPPP...", so 4 characters are distinctive)
@@ -393,7 +393,7 @@ def test_redeploying_a_new_model_loses_no_request(served, tiny_model_dir, lm, tm
     from ray import serve
 
     from aigc.modeldir import save_model_dir
-    from aigc.serving import build_app
+    from aigc.serving.app import build_app
 
     with torch.no_grad():  # "the new winner": the same architecture with different weights
         new = type(lm.model)(lm.model.config)
@@ -449,13 +449,14 @@ def pct50(xs: list[float]) -> float:
 def test_shipped_serve_config_is_valid(tiny_model_dir):
     from ray.serve.schema import ServeDeploySchema
 
-    from aigc.serving import DEPLOYMENT as name
-    from aigc.serving import ServeArgs, app_builder, parse_args
+    from aigc.serving.app import app_builder
+    from aigc.serving.args import DEPLOYMENT as name
+    from aigc.serving.args import ServeArgs, parse_args
 
     path = Path(__file__).parents[2] / "serve" / "config.yaml"
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = config.applications[0]
-    assert app.import_path == "aigc.serving:app_builder"
+    assert app.import_path == "aigc.serving.app:app_builder"
     args = parse_args({**app.args, "model_dir": str(tiny_model_dir)})
     assert isinstance(args, ServeArgs) and [d.name for d in app.deployments] == [name]
     d = app.deployments[0]
@@ -470,7 +471,8 @@ def test_shipped_serve_config_is_valid(tiny_model_dir):
 
 def test_args_flat_or_nested_and_every_problem_at_once(tiny_model_dir, tmp_path):
     from aigc.config import ConfigError
-    from aigc.serving import build_app, parse_args
+    from aigc.serving.app import build_app
+    from aigc.serving.args import parse_args
 
     flat = parse_args({"model_dir": str(tiny_model_dir), "autoscaling.max_replicas": "4", "num_gpus": "1",
                        "device": "cuda", "moderation.blocked_terms": "[a, b]"})

@@ -1,0 +1,420 @@
+"""Serve a model directory on Ray Serve behind an OpenAI-compatible HTTP API.
+
+    aigc serve --model DIR                                  # local Ray (or the running `ray start` cluster)
+    serve run serve.app:app_builder model_dir=DIR           # the same app through Serve's CLI
+    serve deploy serve/config.yaml                          # a cluster, with autoscaling from the config
+
+One deployment (`Model`) is both the FastAPI ingress and the model: `__init__` loads the directory
+through the shared loader (checksums verified, safetensors only), and every request goes through the
+shared generation path (`aigc.generation.BatchStream`) with continuous batching: one decode batch per
+replica that requests join at the next step and leave when done. (`@serve.batch` forms a batch, runs it
+to the end and only then takes the next one; under steady load that fragments into small batches.)
+Serve itself does the rest: replicas autoscale on ongoing requests, `max_ongoing_requests` caps a
+replica's concurrency, and `max_queued_requests` turns overload into a quick 503 at the proxy.
+
+Routes (under the route prefix):
+    POST /v1/completions   OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
+    GET  /v1/models        the one served model
+    GET  /ready            readiness: generates one token through the loaded model
+Metrics (`ray_aigc_*` on Ray's metrics export port): requests, errors, prompt/completion tokens,
+latency and time-to-first-token histograms, batch sizes, queued and running requests.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray._private.services import canonicalize_bootstrap_address
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aigc.config import ConfigError, expand
+from aigc.generation import max_positions
+from aigc.modeldir import ModelDirError, load_model, read_metadata
+from aigc.serving.api import (
+    SSE_DONE,
+    ApiError,
+    ParsedCompletion,
+    Usage,
+    accepted_keys,
+    authorize,
+    choice,
+    completion_id,
+    completion_response,
+    model_list,
+    parse_completion,
+    parse_json_body,
+    sse,
+    system_fingerprint,
+    usage,
+)
+from aigc.serving.args import DEPLOYMENT, DEPLOYMENT_FIELDS, ServeArgs, deployment_options, parse_args
+from aigc.serving.engine import BatchingEngine, CompletionEngine
+from aigc.serving.metrics import Metrics
+from aigc.serving.moderation import load_moderator
+
+logger = logging.getLogger("ray.serve")
+
+COMPLETIONS = "/v1/completions"
+
+api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    """The OpenAI-format error response of `e`."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+def _generation_failed() -> ApiError:
+    return ApiError(500, "internal error while generating", type_="server_error")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    msg = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
+
+
+# Everything the replica's methods use is defined above it: `serve.ingress` pickles the class as it is
+# declared, and a name defined further down would be missing from the copy that runs.
+
+
+@dataclass
+class _Call:
+    """One completions request in flight: what it asked for and what it got so far, per prompt."""
+
+    rid: str
+    t0: float
+    parsed: ParsedCompletion
+    blocked: list[bool]  # the prompt moderation's verdicts
+    reasons: list[str | None] = field(init=False)
+    n_tokens: list[int] = field(init=False)
+    token_ids: list[list[int]] = field(init=False)  # filled when the row finishes
+    first: float | None = None  # when the first text came
+
+    def __post_init__(self):
+        n = len(self.parsed.prompts)
+        self.reasons, self.n_tokens, self.token_ids = [None] * n, [0] * n, [[] for _ in range(n)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(x) for x in self.parsed.prompt_ids)
+
+    def usage(self) -> Usage:
+        return usage(self.prompt_tokens, sum(self.n_tokens))
+
+    def took(self, index: int, text: str, reason: str | None) -> None:
+        self.first = self.first or (time.perf_counter() if text else None)
+        self.reasons[index] = reason or self.reasons[index]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; a 413 naming `body` once it passes `limit` bytes (before reading any of it when
+    the client declared a larger Content-Length)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body: {declared} bytes exceeds the limit of {limit} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body: more than the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as they come; closing the merge closes them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(s: AsyncIterator[Any]) -> None:
+        try:
+            async for item in s:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:  # on early exit (client gone): stop the pumps first, so each stream's cleanup runs once
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class ModelServer:
+    """One replica: the loaded model behind an engine, the HTTP routes, and the edge (keys, validation,
+    moderation, metrics, logs without prompt text)."""
+
+    def __init__(self, args: dict[str, Any]):
+        self.args = ServeArgs.model_validate(args)
+        torch.set_num_threads(self.args.torch_threads)
+        device = self.args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
+        loaded = load_model(expand(self.args.model_dir), device=device, dtype=dtype)
+        self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, max_positions(loaded.model)
+        self.fingerprint, self.created = system_fingerprint(loaded.meta), int(time.time())
+        self.keys = accepted_keys(self.args)
+        self.moderator = load_moderator(self.args.moderation)
+        self.metrics = Metrics()
+        self.engine: CompletionEngine = BatchingEngine(loaded.model, self.tok, self.args.batching, self.metrics)
+        logger.info("serving %s (%s) from %s on %s; %d API key(s)", self.name, self.fingerprint,
+                    self.args.model_dir, device, len(self.keys))
+
+    async def _choice(self, call: _Call, index: int) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(index, new text, finish_reason) for one prompt, with the output moderation applied."""
+        if call.blocked[index]:
+            yield index, "", "content_filter"
+            return
+        text, hit = "", False
+        async with aclosing(self.engine.stream(call.parsed.prompt_ids[index], call.parsed.params)) as deltas:
+            async for d in deltas:
+                call.n_tokens[index], call.token_ids[index] = d.n_tokens, d.token_ids or call.token_ids[index]
+                if d.text and self.moderator.check(text + d.text, "output"):
+                    hit = True  # the text that completed a blocked term is not sent; leaving the stream ends the row
+                    break
+                text += d.text
+                yield index, d.text, d.finish_reason
+        if hit:
+            yield index, "", "content_filter"
+
+    def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None]]:
+        return _merge([self._choice(call, i) for i in range(len(call.blocked))])
+
+    @api.post(COMPLETIONS)
+    async def completions(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+            body = parse_json_body(await read_body(request, self.args.limits.max_body_bytes))
+            parsed = parse_completion(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
+        except ApiError as e:
+            self.metrics.record(COMPLETIONS, e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        blocked = [self.moderator.check(t, "prompt") is not None for t in parsed.prompts]
+        call = _Call(completion_id(), t0, parsed, blocked)
+        self.metrics.prompt_tokens.inc(call.prompt_tokens)  # > 0: empty prompts are rejected
+        if not parsed.request.stream:
+            return await self._complete_json(call)
+        return StreamingResponse(self._complete_sse(call), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": call.rid})
+
+    async def _complete_json(self, call: _Call) -> JSONResponse:
+        parts: list[list[str]] = [[] for _ in call.blocked]
+        try:
+            async with aclosing(self._choices(call)) as merged:
+                async for index, text, reason in merged:
+                    call.took(index, text, reason)
+                    parts[index].append(text)
+        except Exception:
+            logger.exception("%s failed", call.rid)
+            self._finish(call, 500, "server_error")
+            return error_response(_generation_failed())
+        choices = [choice(i, "".join(p), call.reasons[i]) for i, p in enumerate(parts)]
+        if call.parsed.request.return_token_ids:
+            for c, prompt_ids, ids in zip(choices, call.parsed.prompt_ids, call.token_ids, strict=True):
+                c["prompt_token_ids"], c["token_ids"] = prompt_ids, list(ids)
+        if self.args.log_prompts:
+            logger.info("%s output=%r", call.rid, [c["text"] for c in choices])
+        self._finish(call, 200)
+        return JSONResponse(completion_response(call.rid, self.name, self.fingerprint, choices, call.usage()))
+
+    async def _complete_sse(self, call: _Call) -> AsyncIterator[str]:
+        code, error = 200, None
+        try:
+            async with aclosing(self._choices(call)) as merged:
+                async for index, text, reason in merged:
+                    call.took(index, text, reason)
+                    c = choice(index, text, reason)
+                    if reason is not None and call.parsed.request.return_token_ids:
+                        c["token_ids"] = list(call.token_ids[index])
+                    yield sse(completion_response(call.rid, self.name, self.fingerprint, [c], None))
+            if call.parsed.request.stream_options and call.parsed.request.stream_options.include_usage:
+                yield sse(completion_response(call.rid, self.name, self.fingerprint, [], call.usage()))
+        except asyncio.CancelledError:
+            code, error = 499, "cancelled"  # the client went away
+            raise
+        except Exception:
+            logger.exception("%s failed", call.rid)
+            code, error = 500, "server_error"
+            yield sse(_generation_failed().body())
+        finally:
+            self._finish(call, code, error)
+        yield SSE_DONE
+
+    def _finish(self, call: _Call, code: int, error: str | None = None) -> None:
+        """Metrics and the request's one log line (counts and timings; text only with log_prompts)."""
+        seconds = time.perf_counter() - call.t0
+        self.metrics.record(COMPLETIONS, code, seconds, error)
+        done = call.usage()["completion_tokens"]
+        if done:  # a Ray counter refuses inc(0)
+            self.metrics.completion_tokens.inc(done)
+        if call.first is not None:
+            self.metrics.ttft.observe(call.first - call.t0)
+        extra = f" prompt={call.parsed.prompts!r}" if self.args.log_prompts else ""
+        logger.info("%s %d prompt_tokens=%d completion_tokens=%d finish=%s %.1fms%s", call.rid, code,
+                    call.prompt_tokens, done, call.reasons, seconds * 1e3, extra)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+        except ApiError as e:
+            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
+        return model_list(self.name, self.created, self.ctx, self.fingerprint)
+
+    @api.get("/ready")
+    async def ready(self):
+        t0 = time.perf_counter()
+        try:
+            n = await self.engine.check()
+        except Exception as e:  # a replica that cannot generate is not ready
+            logger.exception("readiness probe failed")
+            self.metrics.record("/ready", 503, time.perf_counter() - t0, "server_error")
+            return error_response(ApiError(503, f"not ready: {type(e).__name__}", type_="server_error"))
+        self.metrics.record("/ready", 200, time.perf_counter() - t0)
+        return {"status": "ready", "model": self.name, "system_fingerprint": self.fingerprint, "generated_tokens": n,
+                "latency_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    async def check_health(self) -> None:
+        """Serve's health check: the replica is replaced if this raises (e.g. the model is broken)."""
+        await self.engine.check()
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+def build_app(args: ServeArgs | Mapping[str, Any]):
+    """The Serve application for `args`; raises ConfigError listing every problem before any Ray call."""
+    problems, parsed = [], None
+    try:
+        parsed = parse_args(args)
+    except ConfigError as e:
+        problems += e.problems
+    model_dir = parsed.model_dir if parsed else args.get("model_dir") if isinstance(args, Mapping) else None
+    if isinstance(model_dir, str | os.PathLike):
+        problems += _model_dir_problems(str(model_dir))
+    if problems or parsed is None:
+        raise ConfigError(problems, "serve args")
+    # the replica gets only what it uses, so Serve-option changes don't look like a new model to Serve
+    return ModelServer.options(**deployment_options(parsed)).bind(parsed.model_dump(exclude=DEPLOYMENT_FIELDS))
+
+
+def _model_dir_problems(model_dir: str) -> list[str]:
+    """Catch an obviously wrong directory here rather than in every replica. Where this machine cannot
+    see the path (a cluster's shared storage), the replicas' loader is the check; it verifies the
+    checksums in any case."""
+    path = expand(model_dir)
+    if "://" in path or not os.path.isdir(os.path.dirname(path)):
+        return []
+    try:
+        read_metadata(path)
+    except ModelDirError as e:
+        return [f"model_dir: {e}"]
+    return []
+
+
+def app_builder(args: dict[str, Any]):
+    """`serve run serve.app:app_builder model_dir=DIR [a.b=value ...]` and serve/config.yaml's `args:`."""
+    return build_app(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`aigc serve --model DIR [--name NAME] [--route-prefix /] [--port 8000] [--blocking] [a.b=value ...]`"""
+    parser = argparse.ArgumentParser(
+        prog="aigc serve", description="Serve a model directory with Ray Serve (OpenAI-compatible HTTP).",
+        epilog="Extra a.b=value arguments set any ServeArgs field, e.g. autoscaling.max_replicas=4 num_cpus=2.",
+    )
+    parser.add_argument("--model", required=True, help="exported aigc model directory")
+    parser.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
+    parser.add_argument("--app-name", default="aigc", help="Serve application name")
+    parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the app")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's proxy (0.0.0.0 to expose)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None, help="Ray address (default: a running cluster, else local)")
+    parser.add_argument("--blocking", action="store_true", help="stay in the foreground until Ctrl-C")
+    parser.add_argument("overrides", nargs="*", help="a.b=value settings of ServeArgs")
+    ns = parser.parse_args(argv)
+    raw: dict[str, Any] = {"model_dir": ns.model}
+    if ns.name:
+        raw["model_name"] = ns.name
+    for item in ns.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"{item!r}: overrides look like key=value")
+        raw[key] = value
+    try:
+        app = build_app(raw)
+    except ConfigError as e:
+        print(e)
+        return 2
+
+    # no address, no RAY_ADDRESS and no `ray start` cluster: ray.init starts a Ray that lives (and takes
+    # the app with it) only as long as this process, so we stay in the foreground
+    owned = canonicalize_bootstrap_address(ns.address) is None
+    ray.init(address=ns.address)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(app, name=ns.app_name, route_prefix=ns.route_prefix)
+    prefix = ns.route_prefix.rstrip("/")
+    url = f"http://{'127.0.0.1' if ns.host == '0.0.0.0' else ns.host}:{ns.port}{prefix}"
+    args = parse_args(raw)
+    auth = " -H 'Authorization: Bearer $AIGC_API_KEY'" if args.api_keys or args.api_keys_env in os.environ else ""
+    print(f"serving {args.served_name!r} at {url}/v1  (the OpenAI client's base_url)")
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"       -d '{{\"model\": \"{args.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'")
+    if not (ns.blocking or owned):
+        print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
+        return 0
+    print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if owned:
+            serve.shutdown()
+        else:
+            serve.delete(ns.app_name)
+        ray.shutdown()
+    return 0

@@ -1,0 +1,30 @@
+"""The replica's metrics: `ray.serve.metrics`, exported on Ray's metrics port as `ray_aigc_*` with
+deployment, replica and application tags."""
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Requests and errors by route, tokens, latency and time to first token, and the batcher's state."""
+
+    LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+
+    def __init__(self):
+        self.requests = Counter("aigc_requests", "HTTP requests by route and status", tag_keys=("route", "code"))
+        self.errors = Counter("aigc_errors", "requests answered with an error, by type", tag_keys=("route", "type"))
+        self.prompt_tokens = Counter("aigc_prompt_tokens", "prompt tokens of completion requests")
+        self.completion_tokens = Counter("aigc_completion_tokens", "generated tokens")
+        self.latency = Histogram(
+            "aigc_request_latency_s", "request latency by route", boundaries=self.LATENCY_S, tag_keys=("route",)
+        )
+        self.ttft = Histogram("aigc_time_to_first_token_s", "time to the first generated text", boundaries=self.LATENCY_S)
+        self.batch_size = Histogram("aigc_batch_size", "requests in each decode step", boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.queued = Gauge("aigc_queue_length", "requests in this replica waiting for a row in the batch")
+        self.running = Gauge("aigc_running_requests", "requests in this replica decoding")
+
+    def record(self, route: str, code: int, seconds: float, error_type: str | None = None) -> None:
+        """One answered request: its status, its latency and, for an error, its type."""
+        self.requests.inc(tags={"route": route, "code": str(code)})
+        self.latency.observe(seconds, tags={"route": route})
+        if error_type:
+            self.errors.inc(tags={"route": route, "type": error_type})

@@ -1,0 +1,179 @@
+"""The Serve app's edge without Ray: what imports stay light, API keys, and parsing a completions request
+into SamplingParams and token ids (every bad field a 4xx that names it)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aigc.serving import api
+from aigc.serving.api import ApiError, accepted_keys, authorize, parse_completion, parse_json_body
+from aigc.serving.args import LimitsArgs, ServeArgs
+
+LIB = Path(__file__).parents[2] / "lib"
+NAME, CTX = "tiny", 128  # the served id and the tiny model's positions (conftest's tiny_model_dir)
+LIMITS = LimitsArgs(max_tokens=120, max_prompt_chars=2000)
+
+
+def _imported_after(module: str) -> list[str]:
+    """Which of ray, torch and fastapi a fresh interpreter holds after importing `module`."""
+    code = (f"import json, sys, {module}; "
+            "print(json.dumps(sorted(m for m in ('ray', 'torch', 'fastapi') if m in sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_config_and_serve_args_import_without_ray_torch_or_fastapi():
+    # the cluster check and the pipeline's config read these before anything heavy may load
+    assert _imported_after("aigc.config") == []
+    assert _imported_after("aigc.serving.args") == []
+    assert _imported_after("aigc.serving.api") == ["torch"]  # SamplingParams; still no Ray, no FastAPI
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_no_keys_means_open():
+    authorize({}, [])
+
+
+def test_a_listed_bearer_key_passes():
+    authorize({"authorization": "Bearer k2"}, ["k1", "k2"])
+    authorize({"authorization": "bearer  k1 "}, ["k1", "k2"])  # scheme in any case, token trimmed
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({}, "missing API key"),
+    ({"authorization": "Basic k1"}, "missing API key"),
+    ({"authorization": "Bearer"}, "missing API key"),
+    ({"authorization": "Bearer nope"}, "incorrect API key"),
+    ({"authorization": "Bearer k1k2"}, "incorrect API key"),
+])
+def test_a_missing_or_wrong_key_is_a_401(headers, message):
+    with pytest.raises(ApiError) as e:
+        authorize(headers, ["k1", "k2"])
+    assert e.value.status == 401 and message in e.value.message and e.value.code == "invalid_api_key"
+    assert e.value.headers() == {"WWW-Authenticate": "Bearer"}
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("token", ["k1", "k3", "wrong"])
+def test_every_key_is_compared_in_constant_time(monkeypatch, token):
+    compared = []
+
+    def compare_digest(a, b):
+        compared.append(b)
+        return a == b
+
+    monkeypatch.setattr(api.hmac, "compare_digest", compare_digest)
+    try:
+        authorize({"authorization": f"Bearer {token}"}, ["k1", "k2", "k3"])
+    except ApiError:
+        pass
+    # hmac's comparison for each key, and no early exit: timing tells neither which key nor how much matched
+    assert compared == [b"k1", b"k2", b"k3"]
+
+
+def test_keys_come_from_the_args_and_the_env_variable():
+    args = ServeArgs(model_dir="m", api_keys=["a"], api_keys_env="KEYS")
+    assert accepted_keys(args, {"KEYS": " b, ,c "}) == ["a", "b", "c"]
+    assert accepted_keys(args, {}) == ["a"]
+    assert accepted_keys(ServeArgs(model_dir="m", api_keys_env=None), {"AIGC_API_KEYS": "x"}) == []
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _parse(body, tok, limits=LIMITS):
+    return parse_completion(body, limits, tok, model=NAME, context=CTX)
+
+
+def test_a_good_request_becomes_sampling_params_and_token_ids(tok):
+    p = _parse({"model": NAME, "prompt": "Save big", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9,
+                "top_k": 4, "seed": 3, "stop": "!", "stream": True, "return_token_ids": True}, tok)
+    assert (p.params.max_tokens, p.params.temperature, p.params.top_p, p.params.top_k, p.params.seed,
+            p.params.stop) == (5, 0.5, 0.9, 4, 3, ["!"])
+    assert p.prompts == ["Save big"] and p.prompt_ids == [tok.encode("Save big")]
+    assert p.request.stream and p.request.return_token_ids
+    many = _parse({"model": NAME, "prompt": ["Save", "Our new"]}, tok)
+    assert many.prompt_ids == [tok.encode("Save"), tok.encode("Our new")]
+    assert many.params.max_tokens == LIMITS.default_max_tokens  # OpenAI's default when none is given
+
+
+BAD = [
+    # (name, body, status, the field the error names)
+    ("prompt of wrong type", {"model": NAME, "prompt": 5}, 400, "prompt"),
+    ("temperature of wrong type", {"model": NAME, "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ("max_tokens of wrong type", {"model": NAME, "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("unknown model", {"model": "gpt-9", "prompt": "a"}, 404, "model"),
+    ("missing model", {"prompt": "a"}, 400, "model"),
+    ("missing prompt", {"model": NAME}, 400, "prompt"),
+    ("negative temperature", {"model": NAME, "prompt": "a", "temperature": -0.5}, 400, "temperature"),
+    ("top_p zero", {"model": NAME, "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("top_p above one", {"model": NAME, "prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("negative seed", {"model": NAME, "prompt": "a", "seed": -1}, 400, "seed"),
+    ("max_tokens over the cap", {"model": NAME, "prompt": "a", "max_tokens": 121}, 400, "max_tokens"),
+    ("five stop strings", {"model": NAME, "prompt": "a", "stop": list("abcde")}, 400, "stop"),
+    ("empty prompt", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    ("blank prompt in a list", {"model": NAME, "prompt": ["a", "  "]}, 400, "prompt"),
+    ("no prompts", {"model": NAME, "prompt": []}, 400, "prompt"),
+    ("too many prompts", {"model": NAME, "prompt": ["a"] * 9}, 400, "prompt"),
+    ("too many prompt tokens", {"model": NAME, "prompt": "the " * 300}, 400, "prompt"),
+    ("too many prompt chars", {"model": NAME, "prompt": "x" * 2001}, 400, "prompt"),
+    ("prompt + max_tokens over the context", {"model": NAME, "prompt": "the " * 100, "max_tokens": 64}, 400,
+     "max_tokens"),
+    ("unknown field", {"model": NAME, "prompt": "a", "temprature": 1}, 400, "temprature"),
+    ("stream of wrong type", {"model": NAME, "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("unsupported n", {"model": NAME, "prompt": "a", "n": 3}, 400, "n"),
+    ("unsupported echo", {"model": NAME, "prompt": "a", "echo": True}, 400, "echo"),
+    ("unsupported logit_bias", {"model": NAME, "prompt": "a", "logit_bias": {"1": 2.0}}, 400, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, field", BAD, ids=[b[0] for b in BAD])
+def test_each_bad_field_is_a_4xx_that_names_it(tok, name, body, status, field):
+    with pytest.raises(ApiError) as e:
+        _parse(body, tok)
+    assert (e.value.status, e.value.param) == (status, field), e.value.message
+    assert e.value.message.startswith(field) and e.value.type == "invalid_request_error"
+    assert e.value.body()["error"]["param"] == field and e.value.headers() is None
+
+
+def test_the_prompt_limit_follows_the_context_and_a_lower_cap(tok):
+    ids = tok.encode("the " * 20)
+    assert _parse({"model": NAME, "prompt": "the " * 20, "max_tokens": 1}, tok).prompt_ids == [ids]
+    capped = LimitsArgs(max_prompt_tokens=len(ids) - 1)
+    with pytest.raises(ApiError) as e:
+        _parse({"model": NAME, "prompt": "the " * 20, "max_tokens": 1}, tok, capped)
+    assert e.value.param == "prompt" and f"exceeds the limit of {len(ids) - 1}" in e.value.message
+
+
+def test_errors_never_echo_prompt_text(tok):
+    secret = "zebra-quartz " * 200
+    for body in ({"model": NAME, "prompt": secret}, {"model": NAME, "prompt": [secret, 5]},
+                 {"model": "other", "prompt": secret}):
+        with pytest.raises(ApiError) as e:
+            _parse(body, tok)
+        assert "zebra" not in e.value.message
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "tiny", "prompt": ', b"[1, 2]", b"\xff\xfe", b"null"])
+def test_a_body_that_is_not_a_json_object_is_a_400_naming_body(raw):
+    with pytest.raises(ApiError) as e:
+        parse_json_body(raw)
+    assert (e.value.status, e.value.param) == (400, "body") and e.value.message.startswith("body:")
+
+
+def test_a_json_object_body_parses():
+    assert parse_json_body(b'{"model": "tiny", "prompt": "a"}') == {"model": "tiny", "prompt": "a"}
