@@ -205,8 +205,8 @@ def _own_main(main: Callable[[list[str]], int | None], argv: list[str], model: t
 
 def serve(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Serve a model directory on Ray Serve behind an OpenAI-compatible HTTP API."""
-    from aigc.serving import ServeArgs
-    from aigc.serving import main as serve_main
+    from aigc.serving.app import main as serve_main
+    from aigc.serving.args import ServeArgs
 
     return _own_main(serve_main, list(argv or []), ServeArgs)
 

@@ -73,7 +73,7 @@ def test_search_and_pipeline_help_show_their_nested_fields(capsys, verb, keys):
 
 
 def test_serve_help_shows_its_options_then_the_serve_args(capsys):
-    from aigc.serving import ServeArgs
+    from aigc.serving.args import ServeArgs
 
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
