@@ -289,7 +289,8 @@ def write_corpus(
     counts = {"train": n_train, "validation": n_validation, "test": n_test}
     paths = {split: _write_jsonl(out / f"{split}.jsonl", generate(n, _split_seed(seed, split)))
              for split, n in counts.items()}
-    meta = {"entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(), "seed": seed, "counts": counts}
+    meta = {"entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(), "seed": seed, "counts": counts,
+            "grammar": DEFAULT_GRAMMAR.fingerprint()}
     _write_atomic(out / "grammar.json", json.dumps(meta, indent=2) + "\n")
     return paths
 
@@ -322,6 +323,7 @@ def write_task_corpus(
     meta = {
         "seed": seed,
         "counts": counts,
+        "grammar": DEFAULT_GRAMMAR.fingerprint(),
         "shared_briefs": {f"{a}/{b}": len(briefs[a] & briefs[b])
                           for a, b in (("validation", "train"), ("test", "train"), ("test", "validation"))},
         "entropy_nats_per_ad": h_ad,

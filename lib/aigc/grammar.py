@@ -14,6 +14,8 @@ parts expand other rules and whose other characters are literal text, concatenat
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import math
 import random
 import re
@@ -186,6 +188,11 @@ class Grammar:
             return memo[rule]
 
         return h(self.start if name is None else name)
+
+    def fingerprint(self) -> str:
+        """A short hash of the rules and weights: files or caches made from another grammar have another one."""
+        canonical = json.dumps({"start": self.start, "rules": self._rules}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def alternatives(self, name: str) -> list[str]:
         """The templates of rule ``name``, in the order they were given."""

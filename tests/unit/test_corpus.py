@@ -119,6 +119,14 @@ def test_choice_entropy_counts_only_the_named_rules():
     assert g.entropy() - g.choice_entropy({"X"}) == pytest.approx(mean_conditional, rel=1e-12)
 
 
+def test_fingerprint_changes_with_any_rule_or_weight():
+    rules = {"S": [(1, "{A}{A}")], "A": [(1, "a"), (3, "b")]}
+    fp = Grammar(rules, start="S").fingerprint()
+    assert fp == Grammar({"S": [(1.0, "{A}{A}")], "A": [(1, "a"), (3, "b")]}, start="S").fingerprint()
+    assert fp != Grammar({**rules, "A": [(1, "a"), (2, "b")]}, start="S").fingerprint()
+    assert fp != Grammar({**rules, "A": [(1, "a"), (3, "c")]}, start="S").fingerprint()
+
+
 @pytest.mark.parametrize(
     ("rules", "message"),
     [
@@ -224,6 +232,7 @@ def test_write_corpus_files_and_counts(tmp_path):
         "entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(),
         "seed": 11,
         "counts": {"train": 30, "validation": 5, "test": 7},
+        "grammar": DEFAULT_GRAMMAR.fingerprint(),
     }
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     write_corpus(out, n_train=30, n_validation=5, n_test=7, seed=11)

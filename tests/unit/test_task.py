@@ -111,6 +111,7 @@ def test_write_task_corpus_files_disjoint_briefs_and_floor(tmp_path):
     assert meta == {
         "seed": 3,
         "counts": {"train": 300, "validation": 40, "test": 60},
+        "grammar": DEFAULT_GRAMMAR.fingerprint(),
         "shared_briefs": {"validation/train": 0, "test/train": 0, "test/validation": 0},
         "entropy_nats_per_ad": DEFAULT_GRAMMAR.entropy(),
         "entropy_nats_per_brief": brief_entropy(),
