@@ -173,9 +173,13 @@ def brief_logprob(brief: Mapping[str, str]) -> float:
     return sum(DEFAULT_GRAMMAR.choice_logprob(rule, alt) for rule, alt in brief_choices(brief).items())
 
 
+def _brief_key(brief: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(brief[field] for field in BRIEF_FIELDS)
+
+
 def conditional_grammar(brief: Mapping[str, str]) -> Grammar:
     """The grammar of ads for ``brief``: its ``logprob(ad)`` is the exact ``ln p(ad | brief)``."""
-    return _conditional(tuple(brief[field] for field in BRIEF_FIELDS))
+    return _conditional(_brief_key(brief))
 
 
 @functools.lru_cache(maxsize=256)
@@ -203,10 +207,6 @@ def generate(n: int, seed: int) -> list[dict]:
         text, logp = DEFAULT_GRAMMAR.sample(rng)
         docs.append({"text": text, "nats": -logp})
     return docs
-
-
-def _brief_key(brief: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(brief[field] for field in BRIEF_FIELDS)
 
 
 def generate_task(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
