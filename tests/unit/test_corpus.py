@@ -9,7 +9,9 @@ import statistics
 
 import pytest
 
-from aigc.corpus import _BRANDS, _CATEGORIES, DEFAULT_GRAMMAR, Grammar, generate, write_corpus
+from aigc.adwords import BRANDS, CATEGORIES, TONES
+from aigc.corpus import DEFAULT_GRAMMAR, generate, write_corpus
+from aigc.grammar import Grammar
 
 
 def _binary_entropy(p: float) -> float:
@@ -41,6 +43,88 @@ def test_logprob_sums_over_every_derivation():
 
 def _alts(*items: str) -> list[tuple[float, str]]:
     return [(1.0, item) for item in items]
+
+
+def test_derivation_lists_the_choices_in_sampling_order():
+    g = Grammar({"S": [(1, "{A}-{B}")], "A": _alts("a", "aa"), "B": [(1, "b"), (2, "{A}b")]}, start="S")
+    rng = random.Random(3)
+    for _ in range(50):
+        trace = []
+        text, logp = g.sample(rng, trace)
+        assert g.derivation(text) == trace
+        assert logp == pytest.approx(sum(g.choice_logprob(rule, alt) for rule, alt in trace), rel=1e-12)
+    assert g.derivation("aa-ab") == [("S", "{A}-{B}"), ("A", "aa"), ("B", "{A}b"), ("A", "a")]
+    assert g.derivation("a-") is None
+    ambiguous = Grammar({"S": [(1, "{A}{B}")], "A": _alts("x", "xy"), "B": _alts("yz", "z")}, start="S")
+    with pytest.raises(ValueError, match="2 derivations"):
+        ambiguous.derivation("xyz")
+
+
+def _small_conditioned_grammar() -> tuple[Grammar, Grammar]:
+    # X is the "brief" (it is spelled out by its first letter), Y and Z the free part of the "ad".
+    g = Grammar(
+        {
+            "S": [(1, "{X}:{Y}")],
+            "X": [(1, "a{Z}"), (3, "b")],
+            "Y": [(1, "c"), (2, "cd"), (1, "{Z}e")],
+            "Z": [(1, "z"), (4, "zz")],
+        },
+        start="S",
+    )
+    return g, g.condition({"X": "b"})
+
+
+def test_condition_fixes_a_choice_and_gives_the_exact_conditional_probability():
+    g, given_b = _small_conditioned_grammar()
+    assert given_b.alternatives("X") == ["b"]
+    log_prior = g.choice_logprob("X", "b")
+    assert log_prior == pytest.approx(math.log(3 / 4))
+    # p(b:zze) = p(X=b) * p(Y="{Z}e") * p(Z="zz"): conditioning divides by p(X=b) exactly.
+    assert given_b.logprob("b:zze") == pytest.approx(math.log(1 / 4 * 4 / 5), rel=1e-12)
+    assert g.logprob("b:zze") == pytest.approx(log_prior + given_b.logprob("b:zze"), rel=1e-12)
+    assert given_b.logprob("az:c") == -math.inf
+    # The conditional entropy is the entropy of what is left to choose: Y, and Z under Y's third option.
+    h_y = -sum(p * math.log(p) for p in (1 / 4, 2 / 4, 1 / 4))
+    h_z = -sum(p * math.log(p) for p in (1 / 5, 4 / 5))
+    assert given_b.entropy() == pytest.approx(h_y + h_z / 4, rel=1e-12)
+    # Rules that only the other brief used are gone; an unknown choice is refused.
+    assert g.condition({"X": "b", "Y": "c"}).alternatives("S") == ["{X}:{Y}"]
+    with pytest.raises(ValueError, match="no alternative 'q'"):
+        g.condition({"X": "q"})
+
+
+def test_sampling_frequencies_of_a_conditioned_grammar_match_its_probabilities():
+    _, given_b = _small_conditioned_grammar()
+    rng = random.Random(5)
+    n = 40_000
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        text, logp = given_b.sample(rng)
+        assert logp == pytest.approx(given_b.logprob(text), rel=1e-12)
+        counts[text] = counts.get(text, 0) + 1
+    assert set(counts) == {"b:c", "b:cd", "b:ze", "b:zze"}
+    for text, k in counts.items():
+        p = math.exp(given_b.logprob(text))
+        assert abs(k / n - p) < 4 * math.sqrt(p * (1 - p) / n), (text, k / n, p)
+
+
+def test_choice_entropy_counts_only_the_named_rules():
+    g, given_b = _small_conditioned_grammar()
+    h_x = -(1 / 4 * math.log(1 / 4) + 3 / 4 * math.log(3 / 4))
+    assert g.choice_entropy({"X"}) == pytest.approx(h_x, rel=1e-12)
+    assert g.choice_entropy(None) == pytest.approx(g.entropy(), rel=1e-12)
+    # X is a function of the text, so H(text) - H(X) is the mean entropy of the text given X.
+    given_a = g.condition({"X": "a{Z}"})
+    mean_conditional = 1 / 4 * given_a.entropy() + 3 / 4 * given_b.entropy()
+    assert g.entropy() - g.choice_entropy({"X"}) == pytest.approx(mean_conditional, rel=1e-12)
+
+
+def test_fingerprint_changes_with_any_rule_or_weight():
+    rules = {"S": [(1, "{A}{A}")], "A": [(1, "a"), (3, "b")]}
+    fp = Grammar(rules, start="S").fingerprint()
+    assert fp == Grammar({"S": [(1.0, "{A}{A}")], "A": [(1, "a"), (3, "b")]}, start="S").fingerprint()
+    assert fp != Grammar({**rules, "A": [(1, "a"), (2, "b")]}, start="S").fingerprint()
+    assert fp != Grammar({**rules, "A": [(1, "a"), (3, "c")]}, start="S").fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -76,12 +160,12 @@ def test_every_sampled_document_has_exactly_one_derivation():
         assert DEFAULT_GRAMMAR.logprob(text) == pytest.approx(logp, rel=1e-12, abs=1e-12), text
     # The check means most where every word list has been exercised in context.
     corpus = "\n".join(text for text, _ in docs)
-    vocab = [*_BRANDS] + [
+    vocab = [*BRANDS] + [
         item
-        for cat in _CATEGORIES.values()
+        for cat in CATEGORIES.values()
         for items in (cat.products, cat.materials, cat.benefits, cat.details, cat.slogans, cat.audiences)
         for item in items
-    ]
+    ] + [item for tone in TONES.values() for items in (tone.intros, tone.offer_intros, tone.ctas) for item in items]
     missing = [item for item in vocab if item not in corpus]
     assert not missing
 
@@ -89,11 +173,12 @@ def test_every_sampled_document_has_exactly_one_derivation():
 def test_probability_of_a_known_document_by_hand():
     text = (
         "Introducing the Northpeak hiking boot: cushioned foam midsole, a springy stride. "
-        "The heel counter keeps every step steady. Shop it today."
+        "Save 20% today only. Shop it today."
     )
-    # category 1/8, type "description" 3/11, intro 1/5, brand 1/40, product, material, benefit 1/8 each,
-    # detail without a spec 1/2, detail 1/6, call to action 1/7.
-    p = 1 / 8 * 3 / 11 * 1 / 5 * 1 / 40 * (1 / 8) ** 3 * 1 / 2 * 1 / 6 * 1 / 7
+    # category 1/8, tone "friendly" 1/4, type "description" 3/9, intro 1/3, brand 1/40, product, material,
+    # benefit 1/8 each, offer kind "percent" 3/6, its phrasing "Save" 1/3, 20 of 7 percentages 1/7,
+    # "today only" 1/6, call to action 1/3.
+    p = 1 / 8 * 1 / 4 * 3 / 9 * 1 / 3 * 1 / 40 * (1 / 8) ** 3 * 3 / 6 * 1 / 3 * 1 / 7 * 1 / 6 * 1 / 3
     assert DEFAULT_GRAMMAR.logprob(text) == pytest.approx(math.log(p), rel=1e-12)
     for bad in (
         "",
@@ -102,6 +187,8 @@ def test_probability_of_a_known_document_by_hand():
         text.replace("Northpeak", "Acme"),
         # A fitness product with footwear features: each half is grammatical, the mix is not.
         text.replace("hiking boot", "yoga mat"),
+        # A playful call to action in a friendly ad: the tone must hold through the ad.
+        text.replace("Shop it today.", "Your cart is calling."),
         text.replace(". ", ".  ", 1),
     ):
         assert DEFAULT_GRAMMAR.logprob(bad) == -math.inf, bad
@@ -119,10 +206,11 @@ def test_generate_is_deterministic_and_nats_are_exact():
 
 
 def test_documents_are_within_the_intended_length():
+    # Short enough that a brief (~40 tokens of a 512-token BPE) and its ad fit in about 128 tokens.
     words = [len(d["text"].split()) for d in generate(3000, seed=3)]
-    assert min(words) >= 15
-    assert max(words) <= 60
-    assert 20 < statistics.fmean(words) < 40
+    assert min(words) >= 12
+    assert max(words) <= 40
+    assert 18 < statistics.fmean(words) < 30
 
 
 def test_write_corpus_files_and_counts(tmp_path):
@@ -144,6 +232,7 @@ def test_write_corpus_files_and_counts(tmp_path):
         "entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(),
         "seed": 11,
         "counts": {"train": 30, "validation": 5, "test": 7},
+        "grammar": DEFAULT_GRAMMAR.fingerprint(),
     }
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     write_corpus(out, n_train=30, n_validation=5, n_test=7, seed=11)
