@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from aigc.cli import config_job
-from aigc.search import SearchConfig
+from aigc.search_config import SearchConfig
 
 
 def main(argv: list[str] | None = None) -> int:

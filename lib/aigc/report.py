@@ -27,11 +27,26 @@ from typing import Any
 import numpy as np
 import yaml
 
-# Kept in step with aigc.search (not imported from it: the report must not need Ray or pydantic models).
-TUNE_DIR, TRIALS_DIR, WINNER_DIR = "tune", "trials", "winner"
-SEARCH_YAML, ASHA_LEDGER, TRIAL_DONE = "search.yaml", "asha_stops.jsonl", "trial.json"
-METRICS_LOG = "metrics.jsonl"  # aigc.finetune's log of every report of a Train run
-TRIAL_DRIVER_CPU = 0.02
+from aigc.config import ScalingConfig
+from aigc.layout import (
+    ASHA_LEDGER,
+    BEST_DIR,
+    METRICS_LOG,
+    SEARCH_YAML,
+    TRIAL_DONE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    TUNE_ERROR,
+    TUNE_PARAMS,
+    TUNE_RESULTS,
+    TUNE_STATE_GLOB,
+    WINNER_DIR,
+    read_json_lines,
+    trial_run_name,
+)
+from aigc.modeldir import METADATA
+from aigc.placement import trial_resources
+from aigc.raycompat import tune_trial_states
 
 PLOTS = ("learning_curves", "loss_vs_hparams", "parallel_coordinates", "best_so_far", "importance")
 FILES = ("report.html", "report.md", "trials.csv", *(f"plots/{p}.png" for p in PLOTS))
@@ -139,44 +154,6 @@ class Report:
 # --------------------------------------------------------------------------------------------- load
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a line being written right now
-                    pass
-    return out
-
-
-def _trial_states(exp: Path) -> dict[str, dict[str, Any]]:
-    """trial_id -> {"status", "config", "num_failures", "start_time"} from Tune's latest experiment state."""
-    # One file per driver session, named by its start time; the newest session's holds the current status
-    # (not the newest mtime: Tune rewrites the older files when it syncs the experiment folder).
-    states = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)
-    if not states:
-        return {}
-    try:
-        raw = json.loads(states[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    for entry in raw.get("trial_data", []):
-        try:
-            trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-            meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
-        except (IndexError, TypeError, json.JSONDecodeError):
-            continue
-        if "trial_id" in trial:
-            out[trial["trial_id"]] = {"status": trial.get("status"), "config": trial.get("config") or {},
-                                      "num_failures": (meta or {}).get("num_failures", 0),
-                                      "start_time": (meta or {}).get("start_time")}
-    return out
-
-
 def _history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validation reports by step; a retried or resumed trial may repeat a step: the later report wins."""
     by_step: dict[int, dict[str, Any]] = {}
@@ -205,33 +182,34 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
         raise FileNotFoundError(f"{sdir}: not a search folder (no {SEARCH_YAML} or {TUNE_DIR}/)")
     config = yaml.safe_load((sdir / SEARCH_YAML).read_text()) if (sdir / SEARCH_YAML).is_file() else {}
     base = config.get("base") or {}
-    sc = base.get("scaling") or {}
-    workers = sc.get("num_workers", 1)
-    cpus = TRIAL_DRIVER_CPU + workers * sc.get("cpus_per_worker", 1.0)
-    gpus = workers * sc.get("gpus_per_worker", 1.0) if sc.get("use_gpu") else 0.0
+    held = trial_resources(ScalingConfig.model_validate(base.get("scaling") or {}))
+    cpus, gpus = held.get("CPU", 0.0), held.get("GPU", 0.0)
     max_steps = (base.get("optim") or {}).get("max_steps")
     asha_on = ((config.get("search") or {}).get("asha") or {}).get("enabled", True)
     space = [k for k, v in (config.get("space") or {}).items() if v]
 
     exp = sdir / TUNE_DIR
-    states = _trial_states(exp)
+    # One state file per driver session, named by its start time; the newest session's holds the current
+    # status (not the newest mtime: Tune rewrites the older files when it syncs the experiment folder).
+    state_files = sorted(exp.glob(TUNE_STATE_GLOB), key=lambda p: p.name)
+    states = tune_trial_states(state_files[-1]) if state_files else {}
     stops = {s["trial_id"]: s for s in read_json_lines(sdir / ASHA_LEDGER)}
-    ids = sorted(set(states) | {p.name for p in exp.iterdir() if p.is_dir() and (p / "params.json").is_file()}
+    ids = sorted(set(states) | {p.name for p in exp.iterdir() if p.is_dir() and (p / TUNE_PARAMS).is_file()}
                  if exp.is_dir() else set(states))
     trials, starts = [], []
     for tid in ids:
         tdir, st = exp / tid, states.get(tid, {})
         params = st.get("config") or {}
-        if (tdir / "params.json").is_file():
-            params = json.loads((tdir / "params.json").read_text())
+        if (tdir / TUNE_PARAMS).is_file():
+            params = json.loads((tdir / TUNE_PARAMS).read_text())
         params = {k: v for k, v in params.items() if not space or k in space}
-        results = read_json_lines(tdir / "result.json")
-        run_dir = sdir / TRIALS_DIR / f"trial-{tid}"
+        results = read_json_lines(tdir / TUNE_RESULTS)
+        run_dir = sdir / TRIALS_DIR / trial_run_name(tid)
         # Tune's result.json misses the reports that arrived while a search was being interrupted (the Train
         # run resumes after them); the run's own log has every one. Tune's line wins where both have a step.
         run_log = [{**r, "run_done": r.get("done")} for r in read_json_lines(run_dir / METRICS_LOG)]
         hist = _history(run_log + results)
-        err, err_text = _error(tdir / "error.txt")
+        err, err_text = _error(tdir / TUNE_ERROR)
         done = json.loads((run_dir / TRIAL_DONE).read_text()) if (run_dir / TRIAL_DONE).is_file() else None
         tune_status = st.get("status") or ("TERMINATED" if done else "RUNNING")
         stop = stops.get(tid)
@@ -251,7 +229,7 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
         if results:
             first = results[0]
             starts.append((first.get("timestamp") or 0) - (first.get("time_total_s") or 0))
-        best_dir = run_dir / "best" / "aigc.json"
+        best_dir = run_dir / BEST_DIR / METADATA
         trials.append(TrialRecord(
             trial_id=tid, status=status, params=params, history=hist, error=err, error_text=err_text,
             asha_stop_step=(stop or {}).get("step"), wall_s=wall, cpu_hours=wall * cpus / 3600,
@@ -260,8 +238,8 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
         ))
     trials.sort(key=lambda t: (t.best_val_loss is None, t.best_val_loss if t.best_val_loss is not None else 0, t.trial_id))
     winner = None
-    if (sdir / WINNER_DIR / "aigc.json").is_file():
-        meta = json.loads((sdir / WINNER_DIR / "aigc.json").read_text())
+    if (sdir / WINNER_DIR / METADATA).is_file():
+        meta = json.loads((sdir / WINNER_DIR / METADATA).read_text())
         winner = {"path": str(sdir / WINNER_DIR), "trial": meta.get("trial"), "metrics": meta.get("metrics", {}),
                   "step": meta.get("step")}
     return SearchData(str(sdir), config, trials, winner, min(starts) if starts else None)

@@ -90,7 +90,7 @@ def test_reaper_frees_only_groups_whose_creator_died(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from aigc.search import reap_orphaned_placement_groups
+    from aigc.raycompat import reap_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
