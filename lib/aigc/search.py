@@ -52,7 +52,8 @@ from aigc.placement import (
     fitting_trials,
 )
 from aigc.raycompat import PlacementGroupReaper
-from aigc.report import load_search, write_report
+from aigc.report import write_report
+from aigc.report_data import load_search
 from aigc.search_config import PARAMS, SearchConfig, check_algorithm, search_dir_of, total_trials
 
 # ----------------------------------------------------------------------------------------------- space

@@ -22,7 +22,9 @@ from aigc.placement import (
     trial_resources,
     worker_bundle,
 )
-from aigc.report import FILES, PLOTS, SearchData, TrialRecord, importance, load_search, render, spearman
+from aigc.report import FILES, render
+from aigc.report_data import SearchData, TrialRecord, importance, load_search, spearman
+from aigc.report_plots import PLOTS
 from aigc.search import (
     check_batch_sizes,
     check_resume,
