@@ -50,6 +50,7 @@ from aigc.placement import (
     cluster_capacity,
     describe,
     fitting_trials,
+    trial_bundles,
 )
 from aigc.raycompat import PlacementGroupReaper
 from aigc.report import write_report
@@ -286,7 +287,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
         check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
             tune.with_parameters(_trial, search=cfg.model_dump(mode="json"), prepared=prepared),
-            {"CPU": TRIAL_DRIVER_CPU},
+            trial_bundles(cfg.base.scaling)[0],  # the trial's own actor; its Train workers ask for theirs
         )
         exp = sdir / TUNE_DIR
         tuning.SeededVariants.resume_limit = concurrency
