@@ -135,7 +135,8 @@ def search(argv: list[str] | None = None, prog: str | None = None, doc: str | No
     Results land in <search.storage_path>/<search.name>/ (report.html, trials.csv, winner/); the same
     command resumes an interrupted search without rerunning its finished trials.
     """
-    from aigc.search import SearchConfig, run_search
+    from aigc.search import run_search
+    from aigc.search_config import SearchConfig
 
     done = config_job(argv, SearchConfig, run_search, prog=prog, description=doc or inspect.getdoc(search),
                       config_help_text="search YAML (defaults: the embedded tiny model, 8 random trials)",

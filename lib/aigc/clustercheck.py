@@ -13,27 +13,36 @@ Four kinds of problem, each listed (never just the first):
   the replicas of a Serve app can be placed on the worker types within their `max_workers`, and `place`
   says which nodes the autoscaler would launch, using its own bin-packing and utilisation scorer.
 
-Ray's validator and bin-packing live in `ray.autoscaler._private`: private, but pinned by pyproject's
-`ray>=2.60,<2.61`, and the test suite runs them.
+Ray's validator and bin-packing are private to Ray: `aigc.raycompat` holds them (and names the Ray version
+they were checked against); the node types and the packing are `aigc.placement`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
-import logging
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aigc import raycompat
 from aigc.config import ConfigError, FinetuneConfig, build, load_config, read_yaml
+from aigc.placement import (
+    CLUSTER_YAML,
+    NodeType,
+    Resources,
+    load_cluster,
+    node_types,
+    place,
+    trial_bundles,
+    worker_bundle,
+)
+from aigc.search_config import SearchConfig, total_trials
+from aigc.serving.args import deployment_options, parse_args
 
-CLUSTER_YAML = Path("cluster.yaml")  # relative to the repository root, where `ray up` runs
 # ports a client may reach only through an SSH tunnel: GCS, Ray client, dashboard + job server, Serve
 PRIVATE_PORTS = {6379: "GCS", 10001: "Ray client", 8265: "dashboard/job server", 8000: "Serve HTTP"}
 
@@ -42,11 +51,6 @@ def ray_schema_path() -> Path:
     import ray
 
     return Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
-
-
-def load_cluster(path: str | Path = CLUSTER_YAML) -> dict[str, Any]:
-    """cluster.yaml as a dict (a missing file or bad YAML is a ConfigError naming the file)."""
-    return read_yaml(path)
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -64,17 +68,10 @@ def schema_problems(cluster: Mapping[str, Any]) -> list[str]:
         out.append(f"{where}: {err.message}")
     if out:
         return out  # Ray's own checks assume a schema-valid config
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    quiet = logging.getLogger("ray.autoscaler._private.util")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # "setting max workers for head node type to 0" is not news
     try:
-        validate_config(prepare_config(copy.deepcopy(dict(cluster))))
+        raycompat.validate_cluster_config(cluster)
     except Exception as e:  # ValueError / RuntimeError / AssertionError from Ray's checks
         out.append(f"ray validate_config: {type(e).__name__}: {e}")
-    finally:
-        quiet.setLevel(level)
     return out
 
 
@@ -219,28 +216,6 @@ def storage_path(cluster: Mapping[str, Any]) -> str | None:
 
 # ----------------------------------------------------------------------------------------- capacity
 
-Resources = dict[str, float]
-
-
-@dataclass(frozen=True)
-class NodeType:
-    name: str
-    resources: Mapping[str, float]
-    min_workers: int = 0
-    max_workers: int = 0
-    is_head: bool = False
-
-
-def node_types(cluster: Mapping[str, Any]) -> dict[str, NodeType]:
-    """Node types with their declared resources; the head type is marked (its one node always exists)."""
-    head = cluster.get("head_node_type")
-    out = {}
-    for name, nt in (cluster.get("available_node_types") or {}).items():
-        out[name] = NodeType(name, dict(nt.get("resources") or {}), int(nt.get("min_workers", 0)),
-                             0 if name == head else int(nt.get("max_workers", cluster.get("max_workers", 0))),
-                             name == head)
-    return out
-
 
 @dataclass
 class Demand:
@@ -251,60 +226,6 @@ class Demand:
     bundles: list[Resources]
 
 
-@dataclass
-class Placement:
-    nodes: dict[str, int] = field(default_factory=dict)  # worker type -> nodes the demand needs
-    unplaced: list[Resources] = field(default_factory=list)
-
-
-# Ray's scheduler counts resources in units of 1/10,000 (its FixedPoint); packing in those units makes
-# 0.02 + 2 x 0.49 exactly 1.0 CPU, as the raylet sees it, where floats leave 2 - ... = -1e-16.
-RESOURCE_UNITS = 10_000
-
-
-def _to_units(res: Mapping[str, float]) -> dict[str, int]:
-    return {k: round(float(v) * RESOURCE_UNITS) for k, v in res.items()}
-
-
-def _from_units(res: Mapping[str, int]) -> Resources:
-    return {k: v / RESOURCE_UNITS for k, v in res.items()}
-
-
-def bin_pack(nodes: list[Resources], bundles: list[Resources]) -> tuple[list[Resources], list[Resources]]:
-    """(bundles that do not fit, what is left on each node) when `bundles` are packed onto `nodes` by the
-    Ray autoscaler's own bin-packing (`get_bin_pack_residual`), in Ray's resource units."""
-    from ray.autoscaler._private.resource_demand_scheduler import get_bin_pack_residual
-
-    unplaced, left = get_bin_pack_residual([_to_units(n) for n in nodes], [_to_units(b) for b in bundles])
-    return [_from_units(b) for b in unplaced], [_from_units(n) for n in left]
-
-
-def place(bundles: list[Resources], types: Mapping[str, NodeType], max_workers: int | None = None) -> Placement:
-    """The worker nodes the autoscaler would launch for `bundles`, by Ray's own bin-packing: what fits on
-    the head goes there, then node types are added one at a time by Ray's utilisation scorer (the one the
-    cluster launcher's autoscaler uses) until everything is placed or no type may grow."""
-    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
-    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
-
-    head = next((t for t in types.values() if t.is_head), None)
-    residual = [dict(b) for b in bundles]
-    if head is not None:
-        residual, _ = bin_pack([dict(head.resources)], residual)
-    config = {t.name: {"resources": _to_units(t.resources), "min_workers": t.min_workers,
-                       "max_workers": t.max_workers} for t in types.values()}
-    scorer = functools.partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
-    quiet = logging.getLogger("ray.autoscaler._private.resource_demand_scheduler")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "could not find a node type": the caller reports `unplaced` itself
-    try:
-        nodes, unplaced = get_nodes_for(config, {head.name: 1} if head else {}, head.name if head else "",
-                                        max_workers if max_workers is not None else 10**6,
-                                        [_to_units(b) for b in residual], scorer)
-    finally:
-        quiet.setLevel(level)
-    return Placement({k: v for k, v in nodes.items() if v}, [_from_units(b) for b in unplaced])
-
-
 def _fmt(res: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items() if v) + "}"
 
@@ -312,18 +233,15 @@ def _fmt(res: Mapping[str, float]) -> str:
 def job_demand(cfg: FinetuneConfig, source: str = "job") -> Demand:
     """A fine-tune's Train workers: `num_workers` x {CPU, GPU} (exactly what `run_finetune` asks Ray for)."""
     sc = cfg.scaling
-    bundle = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    return Demand(source, f"{sc.num_workers} Train workers", [dict(bundle) for _ in range(sc.num_workers)])
+    return Demand(source, f"{sc.num_workers} Train workers", [worker_bundle(sc) for _ in range(sc.num_workers)])
 
 
 def search_demand(raw: Mapping[str, Any], source: str = "search") -> Demand:
     """A search's peak: `search.max_concurrent` trials (at least one; unset means "as many as fit", so one
-    must), each its Tune actor plus its fine-tune's Train workers (`aigc.search.trial_bundles`)."""
-    from aigc.search import SearchConfig, total_trials, trial_bundles
-
+    must), each its Tune actor plus its fine-tune's Train workers (`aigc.placement.trial_bundles`)."""
     cfg = build(SearchConfig, {k: v for k, v in raw.items() if k != "deploy"}, source)  # a pipeline = search + deploy
     n = min(cfg.search.max_concurrent or 1, total_trials(cfg))
-    actor, workers = trial_bundles(cfg.base)
+    actor, workers = trial_bundles(cfg.base.scaling)
     what = (f"{n} concurrent trial(s) x ({len(workers)} Train workers + the trial's actor)"
             + ("" if cfg.search.max_concurrent else " (search.max_concurrent unset: at least one)"))
     return Demand(source, what, [dict(b) for _ in range(n) for b in (actor, *workers)])
@@ -337,7 +255,6 @@ def serve_demand(raw: Mapping[str, Any], source: str = "serve") -> Demand:
     for app in raw.get("applications") or []:
         defaults: dict[str, dict[str, Any]] = {}
         if str(app.get("import_path", "")).startswith(("aigc.serving.app:", "serve.app:")):
-            from aigc.serving.args import deployment_options, parse_args
 
             opts = deployment_options(parse_args(app.get("args") or {}))
             defaults[opts["name"]] = opts

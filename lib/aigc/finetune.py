@@ -16,9 +16,9 @@ from typing import Any
 
 from aigc.config import FinetuneConfig, expand, to_yaml
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
+from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
+from aigc.placement import worker_bundle
 from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
-
-BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
 
 
 @dataclass
@@ -45,9 +45,6 @@ def init_ray(address: str | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
 
 
-METRICS_LOG = "metrics.jsonl"
-
-
 def _report_log_class() -> type:
     from ray.train import UserCallback
 
@@ -68,8 +65,7 @@ def _report_log_class() -> type:
 
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every report of a run, oldest first ([] before the first validation)."""
-    path = Path(run_dir) / METRICS_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_json_lines(Path(run_dir) / METRICS_LOG)
 
 
 def run_dir_of(cfg: FinetuneConfig) -> Path:
@@ -200,17 +196,16 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / RUN_CONFIG).write_text(to_yaml(cfg))
     prepared = prepared or prepare(cfg, run_dir)
     init_ray()
     base, packed = prepared.base, prepared.packed
 
     sc = cfg.scaling
-    worker_res = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base},
-        scaling_config=RayScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_res),
+        scaling_config=RayScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=cfg.run.name,

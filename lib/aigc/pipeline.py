@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from aigc.config import ConfigError, Strict
-from aigc.search import SearchConfig
+from aigc.search_config import SearchConfig
 from aigc.serving.args import parse_args
 
 WINNER_PLACEHOLDER = "<winner>"

@@ -39,7 +39,7 @@ import requests
 import yaml
 from private_head import own_processes, stop_private_head
 
-from aigc.clustercheck import NodeType, load_cluster, node_types, place
+from aigc.placement import NodeType, load_cluster, node_types, place
 
 pytestmark = pytest.mark.integration
 

@@ -90,7 +90,7 @@ def test_reaper_frees_only_groups_whose_creator_died(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from aigc.search import reap_orphaned_placement_groups
+    from aigc.raycompat import reap_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -157,7 +157,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
             assert (sdir / "trials" / f"trial-{tid}" / "trial.json").stat().st_mtime_ns == mtime
     assert len(second.trials) == 4 and all(t["status"] != "running" for t in second.trials)
     # the report's learning curves have every validation, also those made while the search was interrupted
-    from aigc.report import load_search
+    from aigc.report_data import load_search
 
     for t in load_search(sdir).trials:
         assert [h["step"] for h in t.history] == list(range(EVERY, t.steps + 1, EVERY)), t.trial_id

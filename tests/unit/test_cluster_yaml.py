@@ -17,9 +17,6 @@ from aigc.clustercheck import (
     fits,
     head_problems,
     images,
-    load_cluster,
-    node_types,
-    place,
     ray_schema_path,
     read_pyproject,
     schema_problems,
@@ -29,6 +26,7 @@ from aigc.clustercheck import (
     version_problems,
 )
 from aigc.config import FinetuneConfig, load_config
+from aigc.placement import load_cluster, node_types, place
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"

@@ -11,22 +11,30 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aigc.clustercheck import NodeType
 from aigc.config import ConfigError, load_config
-from aigc.report import FILES, PLOTS, SearchData, TrialRecord, importance, load_search, render, spearman
-from aigc.search import (
-    SearchConfig,
+from aigc.placement import (
+    NodeType,
     autoscaler_node_types,
-    check_resume,
+    bin_pack,
     cluster_capacity,
-    ended_before,
     fitting_trials,
+    trial_bundles,
+    trial_resources,
+    worker_bundle,
+)
+from aigc.report import FILES, render
+from aigc.report_data import SearchData, TrialRecord, importance, load_search, spearman
+from aigc.report_plots import PLOTS
+from aigc.search import (
+    check_batch_sizes,
+    check_resume,
+    ended_before,
     plan_concurrency,
-    search_dir_of,
-    total_trials,
     trial_config,
     tune_space,
 )
+from aigc.search_config import SearchConfig, check_algorithm, search_dir_of, total_trials
+from aigc.tuning import searcher
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "tune" / "configs").glob("*.yaml"))
@@ -50,7 +58,7 @@ def test_shipped_search_config_validates(path):
 def test_tiny_config_fits_two_cores_two_at_a_time():
     cfg = load_config(SearchConfig, TINY)
     assert total_trials(cfg) == 4
-    assert fitting_trials([{"CPU": 2.0}], cfg.base) == 2
+    assert fitting_trials([{"CPU": 2.0}], cfg.base.scaling) == 2
     assert plan_concurrency(cfg, [{"CPU": 2.0}]) == 2
     assert cfg.search.asha.enabled and not cfg.base.scaling.use_gpu
 
@@ -162,35 +170,42 @@ def test_random_space_uses_log_and_uniform_domains():
 # ------------------------------------------------------------------------------------- concurrency
 
 
-def _base(**scaling):
-    return load_config(SearchConfig, TINY, [f"base.scaling.{k}={v}" for k, v in scaling.items()])
+def _scaling(**scaling):
+    return load_config(SearchConfig, TINY, [f"base.scaling.{k}={v}" for k, v in scaling.items()]).base.scaling
 
 
 def test_concurrency_arithmetic():
     # 0.02 + 2 x 0.49 = 1.0 CPU a trial
-    assert fitting_trials([{"CPU": 2.0}], _base().base) == 2
-    assert fitting_trials([{"CPU": 1.99}], _base().base) == 1
-    assert fitting_trials([{"CPU": 16.0}], _base().base) == 16
+    assert fitting_trials([{"CPU": 2.0}], _scaling()) == 2
+    assert fitting_trials([{"CPU": 1.99}], _scaling()) == 1
+    assert fitting_trials([{"CPU": 16.0}], _scaling()) == 16
     # 1 worker x 1 CPU + 0.02: a second trial needs 1.02 of the 0.98 left
-    assert fitting_trials([{"CPU": 2.0}], _base(num_workers=1, cpus_per_worker=1).base) == 1
+    assert fitting_trials([{"CPU": 2.0}], _scaling(num_workers=1, cpus_per_worker=1)) == 1
     # GPU workers: 2 nodes x 4 GPUs, 2 GPUs a trial -> 4; 3 GPUs a trial -> 2 (bundles may span nodes)
     gpu = {"use_gpu": "true", "gpus_per_worker": 1, "cpus_per_worker": 2}
     nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
-    assert fitting_trials(nodes, _base(num_workers=2, **gpu).base) == 4
-    assert fitting_trials(nodes, _base(num_workers=3, **gpu).base) == 2
-    assert fitting_trials([{"CPU": 64.0}], _base(num_workers=1, **gpu).base) == 0  # no GPU at all
+    assert fitting_trials(nodes, _scaling(num_workers=2, **gpu)) == 4
+    assert fitting_trials(nodes, _scaling(num_workers=3, **gpu)) == 2
+    assert fitting_trials([{"CPU": 64.0}], _scaling(num_workers=1, **gpu)) == 0  # no GPU at all
     # live nodes as ray.nodes() lists them: resources no trial asks for do not get in the way
-    assert fitting_trials([{"CPU": 2.0, "memory": 8e9, "node:10.0.0.1": 1.0}], _base().base) == 2
+    assert fitting_trials([{"CPU": 2.0, "memory": 8e9, "node:10.0.0.1": 1.0}], _scaling()) == 2
 
 
 def test_fractional_cpus_pack_in_rays_units_not_floats():
     """0.2 + 0.1 CPU fill a 0.3-CPU node for Ray's scheduler (1/10,000 units); in floats 0.3 - 0.2 < 0.1."""
-    from aigc.clustercheck import bin_pack
-
     assert bin_pack([{"CPU": 0.3}], [{"CPU": 0.1}, {"CPU": 0.2}]) == ([], [{"CPU": 0.0}])
     assert bin_pack([{"CPU": 0.3}], [{"CPU": 0.2}, {"CPU": 0.2}]) == ([{"CPU": 0.2}], [{"CPU": 0.1}])
     # 3 x 0.1 CPU workers + 0.02 for the trial: 0.32 a trial; 0.96 holds exactly 3
-    assert fitting_trials([{"CPU": 0.96}], _base(cpus_per_worker=0.1, num_workers=3).base) == 3
+    assert fitting_trials([{"CPU": 0.96}], _scaling(cpus_per_worker=0.1, num_workers=3)) == 3
+
+
+def test_a_trial_holds_its_actor_and_its_workers_bundles():
+    """The one rule for what a Train worker asks of Ray, and a trial's sum (what the report charges)."""
+    gpu = _scaling(num_workers=2, use_gpu="true", gpus_per_worker=1, cpus_per_worker=2)
+    assert worker_bundle(gpu) == {"CPU": 2.0, "GPU": 1.0}
+    assert worker_bundle(_scaling()) == {"CPU": 0.49}  # no GPU key at all on CPU
+    assert trial_bundles(gpu) == ({"CPU": 0.02}, [{"CPU": 2.0, "GPU": 1.0}] * 2)
+    assert trial_resources(gpu) == pytest.approx({"CPU": 4.02, "GPU": 2.0})
 
 
 def test_an_unbounded_node_type_plans_up_to_the_trial_count():
@@ -252,8 +267,6 @@ def test_node_types_without_a_launcher_config_are_none(tmp_path):
 
 
 def test_micro_batch_sizes_must_fit_the_data():
-    from aigc.search import check_batch_sizes
-
     cfg = load_config(SearchConfig, TINY, ["space.micro_batch_size={kind: choice, values: [8, 64]}"])
     check_batch_sizes(cfg, train_blocks=128)  # 64 x 2 workers = 128 blocks: exactly one step
     with pytest.raises(ConfigError) as e:
@@ -454,8 +467,6 @@ def test_the_learning_curve_keeps_reports_tune_missed_while_interrupted(tmp_path
 def test_optuna_is_an_optional_extra_with_a_clear_error(monkeypatch):
     import sys
 
-    from aigc.search import check_algorithm
-
     cfg = load_config(SearchConfig, TINY, ["search.algorithm=optuna"])  # valid without optuna installed
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     with pytest.raises(ConfigError) as e:
@@ -464,10 +475,23 @@ def test_optuna_is_an_optional_extra_with_a_clear_error(monkeypatch):
 
 
 def test_searchers_carry_the_seed_and_the_concurrency():
-    from aigc.search import _searcher
-
-    gen, limit = _searcher(load_config(SearchConfig, TINY, ["search.seed=7"]), 2)
+    gen, limit = searcher(load_config(SearchConfig, TINY, ["search.seed=7"]), 2)
     assert limit is None and gen.max_concurrent == 2  # Tune ignores max_concurrent_trials for a generator
     pytest.importorskip("optuna")
-    opt, limit = _searcher(load_config(SearchConfig, TINY, ["search.algorithm=optuna", "search.seed=7"]), 3)
+    opt, limit = searcher(load_config(SearchConfig, TINY, ["search.algorithm=optuna", "search.seed=7"]), 3)
     assert type(opt).__name__ == "OptunaSearch" and limit == 3  # Tune wraps a Searcher in a ConcurrencyLimiter
+
+
+def test_a_resumed_generator_takes_this_drivers_limit(monkeypatch):
+    """Tune restores a variant generator's saved state, its trials-at-once limit with it; a search resumed on
+    another cluster size runs as many trials at once as fit now."""
+    from aigc.tuning import SeededVariants
+
+    saved = searcher(load_config(SearchConfig, TINY), 2)[0].get_state()
+    monkeypatch.setattr(SeededVariants, "resume_limit", 5)
+    restored = SeededVariants()
+    restored.set_state(saved)
+    assert restored.max_concurrent == 5
+    monkeypatch.setattr(SeededVariants, "resume_limit", 0)  # no limit of this driver's: the saved one stays
+    restored.set_state(saved)
+    assert restored.max_concurrent == 2

@@ -35,12 +35,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray._private.services import canonicalize_bootstrap_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc.config import ConfigError, expand
 from aigc.generation import max_positions
 from aigc.modeldir import ModelDirError, load_model, read_metadata
+from aigc.raycompat import cluster_address
 from aigc.serving.api import (
     SSE_DONE,
     ApiError,
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # no address, no RAY_ADDRESS and no `ray start` cluster: ray.init starts a Ray that lives (and takes
     # the app with it) only as long as this process, so we stay in the foreground
-    owned = canonicalize_bootstrap_address(ns.address) is None
+    owned = cluster_address(ns.address) is None
     ray.init(address=ns.address)
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name=ns.app_name, route_prefix=ns.route_prefix)

@@ -1,0 +1,67 @@
+"""The on-disk names of a run folder and a search folder, and the one reader of their JSON-lines logs.
+
+A fine-tuning run, `<run.storage_path>/<run.name>/` (`aigc.finetune`):
+
+    config.yaml            the resolved job config
+    metrics.jsonl          one line per report of the Train run (the learning curve, readable while it trains)
+    checkpoint_*/          Ray Train's checkpoints (ZeRO shards + metrics.json)
+    base/ best/ final/     model directories: the embedded base, the lowest-validation-loss and the last step
+    summary.json           what `run_finetune` returned
+
+A search, `<search.storage_path>/<search.name>/` (`aigc.search`, read back by `aigc.report`):
+
+    search.yaml            the resolved search config (what the report and a resume compare against)
+    base/                  the embedded base model (when no model.name_or_path is given)
+    tune/<trial_id>/       Tune's per-trial params.json, result.json (one line per validation), error.txt
+    trials/trial-<id>/     each trial's Train run (the layout above) plus trial.json and attempts.jsonl
+    asha_stops.jsonl       one line per trial that ASHA stopped: when and at what loss
+    winner/                the best trial's model directory (checksummed; what Serve deploys)
+    report.html, report.md, trials.csv, plots/   see `aigc.report`
+
+Only names live here (and `read_json_lines`): this module imports nothing of aigc, so the search, the
+report and the fine-tuning driver can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# a run folder
+RUN_CONFIG = "config.yaml"
+METRICS_LOG = "metrics.jsonl"
+BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
+
+# a search folder
+SEARCH_YAML = "search.yaml"
+TUNE_DIR, TRIALS_DIR, WINNER_DIR = "tune", "trials", "winner"
+ASHA_LEDGER = "asha_stops.jsonl"
+TRIAL_DONE = "trial.json"  # in a trial's run folder: written when the trial has exported its model
+TRIAL_ATTEMPTS = "attempts.jsonl"  # in a trial's run folder: one line per start (retries and resumes add lines)
+REPORT_HTML, REPORT_MD, TRIALS_CSV, PLOTS_DIR = "report.html", "report.md", "trials.csv", "plots"
+
+# what Ray Tune writes (its names, read by the report and a resume)
+TUNE_STATE_GLOB = "experiment_state-*.json"  # one per driver session, named by its start time
+TUNE_PARAMS, TUNE_RESULTS, TUNE_ERROR = "params.json", "result.json", "error.txt"
+
+
+def trial_run_name(trial_id: str) -> str:
+    """The name of a trial's Train run, and of its folder under `trials/`."""
+    return f"trial-{trial_id}"
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """Every JSON line of a log, oldest first; [] when the file does not exist yet. A line that does not parse
+    is skipped: it is the one being written right now (the logs are read while runs append to them)."""
+    path = Path(path)
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
