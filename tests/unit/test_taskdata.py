@@ -293,3 +293,23 @@ def test_encoder_marks_rows_whose_template_fails(tok):
     out = make_encoder(broken, cfg_for("chat"))({"messages": np.array([json.dumps(CHATS[0])], dtype=object),
                                                  "source": np.array(["f line 7"], dtype=object)})
     assert out["status"].tolist() == [RENDER_ERROR] and "nope" in out["error"][0]
+
+
+def test_the_readme_examples_load_and_mask(tmp_path, tok):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    chat, pc = re.findall(r"```jsonl\n(.*?)```", readme, re.S)
+    for fmt, body in (("chat", chat), ("prompt_completion", pc)):
+        f = tmp_path / f"{fmt}.jsonl"
+        f.write_text(body)
+        s = load_splits(DataConfig(source="files", format=fmt, train_files=[str(f)], validation_files=[str(f)],
+                                   test_files=[str(f)]))
+        assert len(s.train) == 5
+        for row in s.train:
+            _, labels, status = labelled(tok, row, fmt, block_size=256)
+            assert status == OK
+            want = ([m["content"] for m in json.loads(row["messages"]) if m["role"] == "assistant"] if fmt == "chat"
+                    else [row["completion"]])
+            assert loss_text(tok, labels) == "".join(w + EOS for w in want)
