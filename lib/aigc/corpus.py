@@ -318,7 +318,8 @@ def write_task_corpus(
         rows = generate_task(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
         briefs[split] = {_brief_key(r["brief"]) for r in rows}
         seen |= briefs[split]
-        paths[split] = _write_jsonl(out / f"{split}.jsonl", rows)
+        # each row also carries its prompt/completion form, so one file serves data.format chat and prompt_completion
+        paths[split] = _write_jsonl(out / f"{split}.jsonl", [{**r, **to_prompt_completion(r)} for r in rows])
     h_ad, h_brief = DEFAULT_GRAMMAR.entropy(), brief_entropy()
     meta = {
         "seed": seed,

@@ -1,0 +1,99 @@
+"""Fine-tuning on task data (chat and prompt -> completion JSONL) on a real local Ray cluster: Ray Data masks
+and packs, the loss falls, the chat template travels with the model; bad rows stop the run before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from aigc.config import DataConfig, FinetuneConfig, load_config
+from aigc.corpus import generate
+from aigc.data import DataError, load_splits, to_ray_blocks
+from aigc.finetune import read_metrics_log, run_finetune
+from aigc.modeldir import verify_model_dir
+from aigc.modeling import train_tokenizer
+from aigc.template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_prompt
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = ["data.block_size=96", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2",
+        "optim.lr=5e-3", "optim.max_steps=30", "eval.every_steps=10", "eval.log_every=10", "eval.patience=null",
+        "run.samples=0"]
+
+
+def ads(n: int) -> list[str]:
+    """First sentences of embedded-corpus ads: 30 tokens on average, at most ~60 (fits 96 with the prompt)."""
+    return [d["text"].split(". ")[0].rstrip(".") + "." for d in generate(n, seed=3)]
+
+
+def chat_rows(n: int) -> list[dict]:
+    """Brief (the ad's first words) -> the ad, with the extra fields the embedded task rows carry."""
+    return [{"messages": [{"role": "user", "content": "Start: " + " ".join(t.split()[:3])},
+                          {"role": "assistant", "content": t}], "brief": {"words": 3}, "nats": 1.0} for t in ads(n)]
+
+
+def write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg_for(tmp_path: Path, name: str, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml",
+                       [*TINY, "data.source=files", f"run.name={name}", f"run.storage_path={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion"])
+def test_task_finetune_learns_the_completions(ray_local, tmp_path, capfd, fmt):
+    if fmt == "chat":
+        f = write(tmp_path / "chat.jsonl", chat_rows(600))
+        extra = ["data.format=chat"]
+    else:
+        f = write(tmp_path / "pc.jsonl", [{"prompt": "Start: " + " ".join(t.split()[:2]) + "\n", "completion": t}
+                                          for t in ads(600)])
+        extra = ["data.format=prompt_completion", "data.packing=false"]  # the padded, length-bucketed path
+    result = run_finetune(cfg_for(tmp_path, fmt, f"data.train_files=[{f}]", *extra))
+
+    log = read_metrics_log(result.run_dir)
+    assert [r["step"] for r in log] == [10, 20, 30]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.3  # it learned the completions
+    ev = result.evaluation
+    assert ev["finetuned"]["test_loss"] < ev["base"]["test_loss"]
+    info = result.data
+    assert 0.3 < info["loss_token_fraction"]["train"] < 1.0  # the prompts carry no loss
+    assert info["examples"]["train"]["kept"] == 540 and info["examples"]["train"]["dropped_too_long"] == 0
+    assert "loss_token_fraction" in capfd.readouterr().out
+    tok = AutoTokenizer.from_pretrained(result.best_dir)
+    if fmt == "chat":  # the template training used is in the model directory, so Serve renders the same prompt
+        assert "chat_template.jinja" in verify_model_dir(result.best_dir)["files"]
+        assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+        assert render_prompt(tok, chat_rows(1)[0]["messages"][:1]).endswith("\nAssistant:\n")
+    else:
+        assert tok.chat_template is None
+
+
+def test_too_long_rows_stop_the_run_or_are_counted(ray_local, tmp_path):
+    rows = chat_rows(60)
+    rows[7]["messages"][0]["content"] = "Start: " + "very long brief " * 60
+    f = write(tmp_path / "long.jsonl", rows)
+    tok = train_tokenizer(ads(200), vocab_size=300)
+    ensure_chat_template(tok)
+
+    def blocks(**kw):
+        cfg = DataConfig(source="files", train_files=[f], format="chat", block_size=128, split_ratios=(0.8, 0.1, 0.1),
+                         split_seed=0, **kw)
+        return to_ray_blocks(load_splits(cfg), tok, cfg, docs_per_batch=16)
+
+    with pytest.raises(DataError, match=r"long.jsonl line 8: longer than data.block_size=128"):
+        blocks()
+    dropped = blocks(truncation="drop")
+    counts = {s: dropped.examples[s]["dropped_too_long"] for s in ("train", "validation", "test")}
+    assert sum(counts.values()) == 1
+    assert sum(e["kept"] for e in dropped.examples.values()) == 59
+    cut = blocks(truncation="truncate_prompt_left")
+    assert sum(e["prompt_truncated"] for e in cut.examples.values()) == 1
+    assert sum(e["kept"] for e in cut.examples.values()) == 60
+    assert cut.loss_tokens["train"] > dropped.loss_tokens["train"] or counts["train"] == 0
