@@ -18,7 +18,7 @@ from aigc.config import FinetuneConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    done = config_job(argv, __doc__, FinetuneConfig, "aigc.finetune:run_finetune",
+    done = config_job(argv, __doc__, FinetuneConfig, "aigc.pretrain:finetune",
                       config_help="YAML config (defaults: the embedded tiny CPU run)", example="optim.lr=1e-3")
     if done is None:
         return 2

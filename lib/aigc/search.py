@@ -683,6 +683,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     from ray import tune
 
     from aigc.finetune import init_ray, prepare
+    from aigc.pretrain import resolve_base
     from aigc.report import write_report
 
     init_ray()
@@ -701,6 +702,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "
           f"({cfg.search.algorithm}{', ASHA' if cfg.search.asha.enabled else ''}) -> {sdir}", flush=True)
+    # search.yaml keeps what was asked for (a resume compares it); the trials fine-tune the resolved base
+    cfg = cfg.model_copy(update={"base": resolve_base(cfg.base)})
 
     with _Reaper():  # frees the reservations of trials Tune stopped (see reap_orphaned_placement_groups)
         prepared = _share_ready(prepare(cfg.base, sdir), cfg.base.scaling.num_workers)
