@@ -164,7 +164,7 @@ def ensure_base(cfg: FinetuneConfig, build: Builder | None = None) -> str:
         _reset_stale_build(pcfg)
         p = cfg.model.pretrain
         print(f"[aigc] pre-training the embedded base (fingerprint {fingerprint[:12]}, {p.max_steps} steps of "
-              f"{p.batch_size} x {p.block_size} tokens, {p.num_workers} workers) -> {out}", flush=True)
+              f"{p.batch_size} x {p.block_size} tokens, {p.num_workers} worker(s)) -> {out}", flush=True)
         t0 = time.time()
         trained = (build or _train)(pcfg)
         copy_model_dir(trained, out, role=ROLE, fingerprint=fingerprint, recipe=RECIPE,
