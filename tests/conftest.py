@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import pytest
 
@@ -77,3 +78,41 @@ def tiny_model_dir(tmp_path_factory):
     model = build_tiny_gpt2(TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300), len(tok), 128, tok.eos_token_id)
     out = tmp_path_factory.mktemp("models") / "tiny"
     return save_model_dir(model, tok, out, config={"test": True}, metrics={}, step=0)
+
+
+class EmbeddedBase(NamedTuple):
+    path: str  # the cached base's model directory
+    overrides: list[str]  # config overrides under which `model.name_or_path: embedded` resolves to `path`
+
+
+# A pre-training recipe small enough for a test: 2 x 32 wide, 120 steps of 16 x 64-token blocks (~8 s of
+# training), 1 worker.
+TINY_PRETRAIN = [
+    "model.pretrain.arch={n_layer: 2, n_embd: 32, n_head: 2, vocab_size: 400}",
+    "model.pretrain.corpus={n_train: 1500, n_validation: 200, n_test: 200, seed: 1}",
+    "model.pretrain.block_size=64", "model.pretrain.max_steps=120", "model.pretrain.batch_size=16",
+    "model.pretrain.lr=1e-2", "model.pretrain.warmup_steps=5", "model.pretrain.eval_every=40",
+    "model.pretrain.num_workers=1",
+]
+
+
+@pytest.fixture(scope="session")
+def embedded_base(tmp_path_factory):
+    """One pre-trained embedded base for the whole suite, built through `aigc.pretrain.ensure_base` on a private
+    local Ray (or the module's, when one is up) into a session cache."""
+    import ray
+
+    from aigc.config import FinetuneConfig, load_config
+    from aigc.pretrain import ensure_base
+
+    cache = tmp_path_factory.mktemp("bases")
+    overrides = ["model.name_or_path=embedded", f"run.base_cache={cache}", *TINY_PRETRAIN]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        path = ensure_base(load_config(FinetuneConfig, None, overrides))
+    finally:
+        if started:
+            ray.shutdown()
+    return EmbeddedBase(path, overrides)

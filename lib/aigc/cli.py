@@ -113,7 +113,8 @@ def finetune(argv: list[str] | None = None, prog: str | None = None, doc: str | 
     """
 
     def run(cfg: FinetuneConfig) -> Any:
-        from aigc.finetune import run_finetune  # Ray, torch, DeepSpeed: only once the config is known good
+        # Ray, torch, DeepSpeed: only once the config is known good; `embedded` resolves to the cached base
+        from aigc.pretrain import finetune as run_finetune
 
         return run_finetune(cfg)
 
@@ -123,6 +124,30 @@ def finetune(argv: list[str] | None = None, prog: str | None = None, doc: str | 
         return 2
     _, result = done
     print(f"[aigc] best model: {result.best_dir}")
+    return 0
+
+
+def pretrain(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """Pre-train the embedded base (`model.name_or_path: embedded`) once and cache it; a cached one is reused.
+
+        aigc pretrain                                             # the default base (a few minutes on 2 cores)
+        aigc pretrain --config jobs/configs/tiny-cpu.yaml model.pretrain.max_steps=1000
+
+    The base is cached under run.base_cache by a hash of model.pretrain (worker counts aside); the first
+    fine-tune, search or pipeline that needs it builds it the same way, so running this first is optional.
+    """
+
+    def run(cfg: FinetuneConfig) -> Any:
+        from aigc.pretrain import pretrain as build
+
+        return build(cfg)
+
+    done = config_job(argv, FinetuneConfig, run, prog=prog, description=doc or inspect.getdoc(pretrain),
+                      config_help_text="YAML config whose model.pretrain and run.base_cache say which base",
+                      example="model.pretrain.max_steps=1000")
+    if done is None:
+        return 2
+    print(f"[aigc] embedded base: {done[1]}")
     return 0
 
 
@@ -247,6 +272,7 @@ def corpus(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 VERBS: dict[str, Callable[..., int]] = {
+    "pretrain": pretrain,
     "finetune": finetune,
     "search": search,
     "pipeline": pipeline,

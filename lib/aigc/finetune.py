@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aigc.config import FinetuneConfig, expand, to_yaml
+from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
 from aigc.placement import worker_bundle
@@ -75,9 +75,15 @@ def run_dir_of(cfg: FinetuneConfig) -> Path:
 
 
 def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
-    """The base model every worker loads: a hub id / local path as given, or for the embedded default a
-    tokenizer trained on the train split and a tiny GPT-2, saved once as a model directory (a resumed run
-    reuses it, so its tokenizer and initial weights stay identical)."""
+    """The base model every worker loads: a hub id / local path as given (its own tokenizer), or with no
+    `model.name_or_path` a tokenizer trained on the train split and a random tiny GPT-2, saved once as a model
+    directory (a resumed run reuses it, so its tokenizer and initial weights stay identical).
+
+    The embedded pre-trained base ('embedded') is resolved to its cached directory by the entry points
+    (`aigc.pretrain.resolve_base`), which may have to build it: a Ray Train run of its own, not a step here."""
+    if cfg.model.name_or_path == EMBEDDED_BASE:
+        raise ValueError(f"model.name_or_path={EMBEDDED_BASE!r} reached the fine-tuning driver unresolved: call "
+                         "aigc.pretrain.resolve_base(cfg) first (the fine-tune, search and pipeline entry points do)")
     if cfg.model.name_or_path:
         return cfg.model.name_or_path
     from aigc.modeldir import ModelDirError, save_model_dir, verify_model_dir
@@ -90,7 +96,7 @@ def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
     except ModelDirError:
         pass
     tok = train_tokenizer(iter(train_texts), cfg.model.arch.vocab_size)
-    model = build_tiny_gpt2(cfg.model.arch, len(tok), n_positions=max(cfg.data.block_size, 256),
+    model = build_tiny_gpt2(cfg.model.arch, len(tok), n_positions=max(cfg.data.block_size, MIN_POSITIONS),
                             eos_token_id=tok.eos_token_id, seed=cfg.optim.seed)
     save_model_dir(model, tok, base, config=cfg.model_dump(mode="json"), metrics={}, step=0, role="base")
     return str(base)

@@ -52,6 +52,7 @@ from aigc.placement import (
     fitting_trials,
     trial_bundles,
 )
+from aigc.pretrain import resolve_base
 from aigc.raycompat import PlacementGroupReaper
 from aigc.report import write_report
 from aigc.report_data import load_search
@@ -281,6 +282,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "
           f"({cfg.search.algorithm}{', ASHA' if cfg.search.asha.enabled else ''}) -> {sdir}", flush=True)
+    # search.yaml keeps what was asked for (a resume compares it); the trials fine-tune the resolved base
+    cfg = cfg.model_copy(update={"base": resolve_base(cfg.base)})
 
     with PlacementGroupReaper():  # frees the reservations of trials Tune stopped (see its docstring)
         prepared = _share_ready(prepare(cfg.base, sdir), cfg.base.scaling.num_workers)

@@ -1,0 +1,53 @@
+"""The embedded pre-trained base for real: built once (the session's `embedded_base`), reused, and fine-tuned
+through `model.name_or_path: embedded` on a real local Ray cluster with DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from aigc.config import FinetuneConfig, load_config
+from aigc.modeldir import load_model, verify_model_dir
+from aigc.pretrain import ROLE, base_fingerprint, ensure_base, finetune
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_base_is_a_trained_cached_model_directory(embedded_base, capsys):
+    cfg = load_config(FinetuneConfig, None, embedded_base.overrides)
+    meta = verify_model_dir(embedded_base.path)
+    assert meta["role"] == ROLE and meta["fingerprint"] == base_fingerprint(cfg.model.pretrain)
+    assert Path(embedded_base.path).name == meta["fingerprint"]
+    p = cfg.model.pretrain
+    assert meta["step"] in range(p.eval_every, p.max_steps + 1, p.eval_every)  # the best validated step
+    assert meta["config"]["model"]["name_or_path"] is None  # pre-trained from random init
+    vocab = len(load_model(embedded_base.path).tokenizer)
+    assert meta["metrics"]["val_loss"] < math.log(vocab) - 1.5  # far below a random model's ~ln(vocab)
+
+    assert ensure_base(cfg) == embedded_base.path  # cached: no second pre-training
+    out = capsys.readouterr().out
+    assert f"embedded base: reusing {embedded_base.path}" in out and "pre-training" not in out
+
+
+def test_finetune_from_the_embedded_base(embedded_base, ray_local, tmp_path, capsys):
+    cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
+        *embedded_base.overrides, f"run.storage_path={tmp_path}", "run.name=from-base", "run.samples=0",
+        "data.embedded={n_train: 600, n_validation: 100, n_test: 100, seed: 0}", "data.block_size=64",
+        "optim.max_steps=10", "optim.warmup_steps=2", "optim.lr=1e-3", "eval.every_steps=10",
+    ])
+    result = finetune(cfg)
+    assert "pre-training" not in capsys.readouterr().out  # the session's base was reused
+
+    tuned = verify_model_dir(result.best_dir)
+    assert tuned["config"]["model"]["name_or_path"] == embedded_base.path
+    # the base's tokenizer, not one retrained on the task data
+    assert (Path(result.best_dir) / "tokenizer.json").read_bytes() == (Path(embedded_base.path) / "tokenizer.json").read_bytes()
+    assert not (Path(result.run_dir) / "base").exists()
+    # step 0 of the fine-tune is the pre-trained base: already far below a random model (~ln(vocab) nats)
+    vocab = len(load_model(embedded_base.path).tokenizer)
+    before, after = result.evaluation["base"], result.evaluation["finetuned"]
+    assert before["test_loss"] < math.log(vocab) - 1.5
+    assert after["test_loss"] <= before["test_loss"] + 0.05
