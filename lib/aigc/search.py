@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 from pydantic import Field
 
+from aigc import console
 from aigc.clustercheck import NodeType, bin_pack, load_cluster, node_types
 from aigc.config import ConfigError, FinetuneConfig, Strict, build, expand, to_yaml
 
@@ -680,10 +681,11 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     sdir = search_dir_of(cfg)
     resuming = check_resume(cfg, sdir)
 
+    console.setup()  # before Ray is imported
     from ray import tune
 
     from aigc.finetune import init_ray, prepare
-    from aigc.report import write_report
+    from aigc.report import render_text, write_report
 
     init_ray()
     import ray.data
@@ -729,6 +731,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
                 run_config=tune.RunConfig(
                     name=TUNE_DIR, storage_path=str(sdir), callbacks=tune_callbacks,
                     failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                    verbose=console.tune_verbosity(),  # silent at info: the trial table is printed below
                 ),
             )
         tuner.fit()  # errors are per trial (recorded on disk); Ctrl-C / SIGUSR1 stops it with the state saved
@@ -737,6 +740,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     winner = None if interrupted else export_winner(cfg, sdir)
     report = write_report(sdir)
     data = report.data
+    print(render_text(data), flush=True)
     best = data.trials[0] if data.trials and data.trials[0].best_val_loss is not None else None
     return SearchResult(
         search_dir=str(sdir), trials=[t.row() for t in data.trials], best_trial=best.trial_id if best else None,
