@@ -15,6 +15,7 @@ This module imports nothing heavy at the top: it must run before Ray, torch and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -37,8 +38,12 @@ KNOWN_WARNINGS: list[tuple[type[Warning], str, str]] = [
      "`ExecutionOptions.exclude_resources` is deprecated"),
 ]
 
-# Log records from dependencies, filtered by (logger name, message regex) on that very logger.
+# Log records from dependencies, filtered by (logger name, message regex) on that very logger. A name
+# "package:path.py" is a logger named by its file path (logging.getLogger(__file__)) inside that package.
 KNOWN_LOG_RECORDS: list[tuple[str, str]] = [
+    # Ray Train 2.60 logs every report of every rank at INFO on a logger named by its file, which Train's own
+    # LoggingConfig level (set to WARNING by train_logging()) does not reach.
+    ("ray:train/v2/_internal/execution/context.py", r"Reporting training result \d+: "),
     # Ray 2.60 warns on every local start that token auth is on (the project's default, see the job docs).
     ("ray._private.authentication.authentication_token_setup", r"Token authentication is enabled for this Ray"),
     # Ray Data warns once per process because init_ray turns its bars off (job logs are files, not terminals).
@@ -60,6 +65,7 @@ KNOWN_FORWARDED_LINES: list[str] = [
     # DeepSpeed's zero_to_fp32 prints its progress while the export task consolidates a checkpoint.
     r"^Processing zero checkpoint '", r"^Parsing checkpoint created by deepspeed==",
     r"^Detected checkpoint of type zero stage ", r"^Reconstructed fp32 state dict with \d+ params",
+    r"Loading checkpoint shards: +\d+%\|",  # ... and its tqdm bar
     # Ray Serve's proxy and controller log each lifecycle step at INFO; the pipeline prints the endpoint itself.
     r"^INFO \S+ \S+ (proxy|controller) ",
     # Ray Serve's access log of the pipeline's own smoke requests (aigc's request log line stays).
@@ -112,13 +118,22 @@ def install_filters() -> None:
                                 module=re.escape(module) + r"\Z")
     by_logger: dict[str, list[str]] = {}
     for name, pattern in KNOWN_LOG_RECORDS:
-        by_logger.setdefault(name, []).append(pattern)
+        by_logger.setdefault(_logger_name(name), []).append(pattern)
     for name, patterns in by_logger.items():
         logger = logging.getLogger(name)
         logger.filters = [f for f in logger.filters if not isinstance(f, _DropKnown)]
         logger.addFilter(_DropKnown(patterns))
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _logger_name(name: str) -> str:
+    """A logger name, or for "package:path.py" the file path that names it (found without importing)."""
+    if ":" not in name:
+        return name
+    package, path = name.split(":", 1)
+    spec = importlib.util.find_spec(package)
+    return os.path.join(os.path.dirname(spec.origin), path) if spec and spec.origin else name
 
 
 def _skip_regex() -> str:

@@ -15,7 +15,8 @@ from aigc import console
 def filters(monkeypatch):
     """The console's filters installed in this process, undone afterwards."""
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    saved = {name: list(logging.getLogger(name).filters) for name, _ in console.KNOWN_LOG_RECORDS}
+    names = [console._logger_name(name) for name, _ in console.KNOWN_LOG_RECORDS]
+    saved = {name: list(logging.getLogger(name).filters) for name in names}
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
     console.install_filters()
     yield
@@ -63,6 +64,15 @@ def test_known_log_record_is_dropped_only_on_its_logger(filters, caplog):
         ("transformers.modeling_utils", "Some weights were not initialized"), ("aigc.other", msg)]
 
 
+def test_train_report_logger_named_by_its_file_is_found(filters, caplog):
+    import ray.train.v2._internal.execution.context as ctx
+
+    caplog.set_level(logging.INFO)
+    ctx.logger.info("Reporting training result 3: TrainingReport(checkpoint=None) from rank 0")
+    ctx.logger.info("Some other Train message")
+    assert [r.getMessage() for r in caplog.records] == ["Some other Train message"]
+
+
 def test_quiet_loggers_keep_warnings_and_errors(filters, caplog):
     caplog.set_level(logging.DEBUG)  # the root logger and the capture take everything; ray.tune stays at WARNING
     logging.getLogger("ray.tune").info("Wrote the latest version of all result files")
@@ -77,6 +87,7 @@ def test_forwarded_line_patterns_match_the_noise_and_not_our_lines():
         "[2026-12-03 07:28:45,310 E 6188 6257] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID",
         "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
         "Processing zero checkpoint '/tmp/x/checkpoint_1/ds'",
+        "\rLoading checkpoint shards:   0%|          | 0/2 [00:00<?, ?it/s]",
         "INFO 2026-12-03 07:31:40,689 proxy 192.0.2.2 -- Proxy starting on node 9586 (HTTP port: 18931).",
         "INFO 2026-12-03 07:31:49,241 aigc_Model 52logi6u 0c900ddb-9127 -- POST /v1/completions 200 24.5ms",
     ]
