@@ -83,6 +83,9 @@ QUIET_ENV = {
     # Train V2 routes print() in workers into its logger, which tees to stdout again; the progress bar
     # (tqdm_ray) and print0 need the plain print that Ray forwards.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Tune 2.60's new console output prints its experiment header box even at verbose=0; the classic
+    # reporter prints nothing at verbose=0 (trial errors are still logged at ERROR).
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -154,8 +157,20 @@ def setup() -> str:
     os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = _skip_regex()
     # Ray merges lines that look alike across processes; every trial's [aigc] line says something different.
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"\[aigc\]")
+    _ray_dedup_regexes()
     install_filters()
     return lvl
+
+
+def _ray_dedup_regexes() -> None:
+    """Ray 2.60 compiles RAY_DEDUP_LOGS_{SKIP,ALLOW}_REGEX into its two log deduplicators when `ray` is first
+    imported. Where something imported Ray before setup() (a config check that loads Serve's schema), give
+    the same regexes to those two objects (private: ray._private.ray_logging, checked for Ray 2.60)."""
+    mod = sys.modules.get("ray._private.ray_logging")
+    for dedup in (getattr(mod, "stdout_deduplicator", None), getattr(mod, "stderr_deduplicator", None)):
+        if dedup is not None and hasattr(dedup, "skip_re") and hasattr(dedup, "allow_re"):
+            dedup.skip_re = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
+            dedup.allow_re = re.compile(os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"])
 
 
 def setup_worker() -> None:
