@@ -45,12 +45,13 @@ def noise_lines(output: str) -> list[str]:
 
 
 def run_job(tmp_path: Path, *overrides: str, level: str | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "AIGC_LOG_LEVEL")}  # a user's shell
+    # a user's shell: no test-only settings (Ray also changes its output when it sees PYTEST_CURRENT_TEST)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "AIGC_LOG_LEVEL", "PYTEST_CURRENT_TEST")}
     if level:
         env["AIGC_LOG_LEVEL"] = level
     p = subprocess.run([*JOB, *overrides, f"run.storage_path={tmp_path}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
-    out = p.stdout + p.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", p.stdout + p.stderr)  # Ray colours prefixes and the dashboard URL
     assert p.returncode == 0, out[-4000:]
     return out
 
