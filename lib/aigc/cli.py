@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from aigc import console
 from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
+from aigc.search_config import SearchConfig
 
 # The one allowed exception to "imports at the top": each verb imports its heavy modules (Ray, torch,
 # transformers, DeepSpeed) inside its function, so `aigc --help` and a rejected config stay fast.
@@ -88,6 +90,7 @@ def config_job(argv: list[str] | None, model: type[C], run: Callable[[C], R], *,
 
     Returns (config, result); on a user error (config, data, model directory) prints `error: ...` to stderr
     and returns None, for the caller to exit 2."""
+    console.setup()  # AIGC_LOG_LEVEL and the noise filters, before anything imports Ray (Ray reads them at import)
     from aigc.data import DataError  # on use, like the verbs' imports (see the note at the top)
     from aigc.modeldir import ModelDirError
 
@@ -160,8 +163,10 @@ def search(argv: list[str] | None = None, prog: str | None = None, doc: str | No
     Results land in <search.storage_path>/<search.name>/ (report.html, trials.csv, winner/); the same
     command resumes an interrupted search without rerunning its finished trials.
     """
-    from aigc.search import run_search
-    from aigc.search_config import SearchConfig
+    def run_search(cfg: SearchConfig) -> Any:
+        from aigc.search import run_search as run  # Ray Tune: only once the config is known good
+
+        return run(cfg)
 
     done = config_job(argv, SearchConfig, run_search, prog=prog, description=doc or inspect.getdoc(search),
                       config_help_text="search YAML (defaults: the embedded tiny model, 8 random trials)",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aigc import console
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
@@ -37,11 +38,13 @@ class FinetuneResult:
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`) or a running `ray start` head, else
-    start a local Ray. Token auth (Ray 2.60) is read from RAY_AUTH_MODE/RAY_AUTH_TOKEN by Ray itself."""
+    start a local Ray. Token auth (Ray 2.60) is read from RAY_AUTH_MODE/RAY_AUTH_TOKEN by Ray itself. Every
+    worker process runs aigc.console's setup hook, so it prints at the driver's AIGC_LOG_LEVEL."""
+    console.setup()  # before `import ray`: Ray reads its log knobs at import
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=console.runtime_env())
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
@@ -205,6 +208,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
 
     `prepared` lets a search share one base model and one packed dataset across all its trials.
     """
+    console.setup()
     import ray
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
@@ -230,6 +234,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.eval.keep_top_k, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=sc.max_failures),
+            logging_config=console.train_logging(),
             callbacks=[*([_report_log_class()(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
                        *(callbacks or [])],
         ),

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
+from aigc import console
 from aigc.config import ConfigError, Strict
 from aigc.search_config import SearchConfig
 from aigc.serving.args import parse_args
@@ -94,6 +95,7 @@ def smoke(url: str, d: DeployConfig, model: str, api_key: str | None = None) -> 
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    console.setup()  # before Ray is imported
     from aigc.search import run_search
 
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
@@ -102,7 +104,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         raise RuntimeError(f"{result.search_dir}: the search ended without a winner "
                            f"(interrupted={result.interrupted}, errors={result.errors}); see the report")
     print(f"[aigc] report: {result.report['report.html']}", flush=True)
-    print(f"[aigc] winner: {result.winner_dir} (trial {result.best_trial})", flush=True)
     url = deploy(result.winner_dir, cfg.deploy)
     served = parse_args({**cfg.deploy.args, "model_dir": result.winner_dir})
     key = served.api_keys[0] if served.api_keys else None

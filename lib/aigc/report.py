@@ -230,6 +230,19 @@ def render_md(data: SearchData) -> str:
     return "\n".join(lines) + "\n"
 
 
+TEXT_HIDDEN = {"best_val_ppl", "final_val_ppl", "cpu_hours", "gpu_hours", "error"}  # in report.md, too wide here
+
+
+def render_text(data: SearchData) -> str:
+    """The trials table for a terminal or job log: report.md's rows and cells, aligned, narrower."""
+    rows = _rows(data)
+    cols = [c for c in _table_columns(data, rows) if c not in TEXT_HIDDEN]
+    cells = [cols] + [[_cell(c, r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("[aigc] " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
 def render(data: SearchData, out_dir: str | os.PathLike) -> dict[str, str]:
     """Write every report file for `data` into `out_dir`; returns {relative name: path}."""
     out = Path(out_dir)

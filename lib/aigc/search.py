@@ -25,7 +25,7 @@ import ray.data
 import yaml
 from ray import tune
 
-from aigc import tuning
+from aigc import console, tuning
 from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
 from aigc.finetune import export_checkpoint, init_ray, prepare, run_dir_of, run_finetune
 from aigc.layout import (
@@ -54,7 +54,7 @@ from aigc.placement import (
 )
 from aigc.pretrain import resolve_base
 from aigc.raycompat import PlacementGroupReaper
-from aigc.report import write_report
+from aigc.report import render_text, write_report
 from aigc.report_data import load_search
 from aigc.search_config import PARAMS, SearchConfig, check_algorithm, search_dir_of, total_trials
 
@@ -312,6 +312,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
                 run_config=tune.RunConfig(
                     name=TUNE_DIR, storage_path=str(sdir), callbacks=tune_callbacks,
                     failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                    verbose=console.tune_verbosity(),  # silent at info: the trial table is printed below
                 ),
             )
         tuner.fit()  # errors are per trial (recorded on disk); Ctrl-C / SIGUSR1 stops it with the state saved
@@ -320,6 +321,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     winner = None if interrupted else export_winner(cfg, sdir)
     report = write_report(sdir)
     data = report.data
+    print(render_text(data), flush=True)
     best = data.trials[0] if data.trials and data.trials[0].best_val_loss is not None else None
     return SearchResult(
         search_dir=str(sdir), trials=[t.row() for t in data.trials], best_trial=best.trial_id if best else None,

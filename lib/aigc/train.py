@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aigc import console
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
 from aigc.template import ensure_chat_template
@@ -28,12 +29,10 @@ HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export n
 def print0(*args: Any) -> None:
     """Log on rank 0 only (nanochat's print0). Written straight to the process's stdout: Train V2 patches
     `print` into its logger, which tees to stdout again, so a plain print shows every line twice."""
-    import sys
-
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        print(*args, flush=True, file=sys.__stdout__)
+        console.Progress.write(" ".join(map(str, args)))
 
 
 def _fmt_secs(s: float) -> str:
@@ -175,12 +174,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     json.dump(metrics, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         last_reported = state["step"]
-        print0(f"[aigc] step {state['step']:>6} | val loss {val_loss:.4f} | val ppl {metrics['val_ppl']:.2f} | "
+        print0(f"[aigc] {cfg.run.name} step {state['step']:>5} | val loss {val_loss:.4f} | val ppl {metrics['val_ppl']:.2f} | "
                f"best {state['best_val_loss']:.4f}" + (" | early stop" if state["stopped_early"] else ""))
 
     t0, tokens0, step0 = time.time(), state["tokens_seen"], state["step"]
     window_loss, window_n, train_loss = 0.0, 0, float("nan")
     t_prev = time.perf_counter()
+    # rank 0 shows the steps: a bar on the driver's terminal, else a line every eval.log_every steps
+    progress = console.Progress(o.max_steps, cfg.run.name, initial=state["step"]) if rank == 0 else None
     while state["step"] < o.max_steps and not state["stopped_early"]:
         skip = state["batch_in_epoch"]
         bucket = cfg.data.format != "text" and not cfg.data.packing  # one example per row: batch by length
@@ -203,14 +204,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # inside a gradient-accumulation window
             state["step"] = engine.global_steps
             step = state["step"]
+            if progress:
+                progress.update(step)
             if step % ev.log_every == 0 or step == o.max_steps:
                 train_loss = _all_reduce_sum([window_loss / window_n], engine.device)[0] / world
                 window_loss, window_n = 0.0, 0
                 elapsed = time.time() - t0
                 tps = (state["tokens_seen"] - tokens0) / max(elapsed, 1e-9)
                 eta = elapsed / max(step - step0, 1) * (o.max_steps - step)
-                print0(f"[aigc] step {step:>6}/{o.max_steps} | loss {train_loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e}"
-                       f" | {tps / 1e3:.1f}k tok/s | eta {_fmt_secs(eta)}")
+                if progress:
+                    progress.log(f"[aigc] {cfg.run.name} step {step:>5}/{o.max_steps} | loss {train_loss:.4f} | "
+                                 f"lr {scheduler.get_last_lr()[0]:.2e} | {tps / 1e3:.1f}k tok/s | eta {_fmt_secs(eta)}",
+                                 short=f"loss {train_loss:.4f} | {tps / 1e3:.1f}k tok/s")
             if step % ev.every_steps == 0 or step == o.max_steps:
                 tps = (state["tokens_seen"] - tokens0) / max(time.time() - t0, 1e-9)
                 checkpoint_and_report(train_loss, tps, final=step == o.max_steps)
@@ -222,5 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["batch_in_epoch"] = 0
             continue
         break
+    if progress:
+        progress.close()
     if last_reported != state["step"]:  # ended between validations (e.g. max_steps not a multiple)
         checkpoint_and_report(train_loss, 0.0, final=True)

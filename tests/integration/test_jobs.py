@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from private_head import stop_private_head
+from test_output import noise_lines
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +112,8 @@ def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, tmp_path
     assert (search / "report.html").stat().st_size > 10_000 and (search / "trials.csv").is_file()
     assert (search / "winner" / "aigc.json").is_file()
     assert "endpoint: http://127.0.0.1" in p.stdout
+    assert re.search(r"\[aigc\] rank +trial_id +status +lr", p.stdout)  # the search's own trial table
+    assert noise_lines(p.stdout) == []  # the driver's filters and the workers' setup hook work on a cluster too
     # the app outlives the job on the cluster: it still answers after `ray job submit` returned
     r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                       json={"model": "winner", "prompt": "Save", "max_tokens": 8, "seed": 1})
