@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -51,14 +51,69 @@ class DataConfig(Strict):
     test_files: list[str] = Field(default_factory=list, description="test files; empty -> carve by ratio")
     hub_name: str | None = Field(None, description="dataset name (or path) for `datasets.load_dataset`")
     hub_config: str | None = Field(None, description="dataset configuration name, if the dataset has several")
-    text_column: str = Field("text", min_length=1, description="column holding the documents")
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text",
+        description="text: plain documents packed with EOS between them; prompt_completion: rows with a prompt and a "
+        "completion (OpenAI legacy fine-tuning JSONL), loss on the completion; chat: rows with `messages: [{role, "
+        "content}, ...]` (OpenAI chat fine-tuning JSONL), loss on the assistant turns",
+    )
+    text_column: str = Field("text", min_length=1, description="column holding the documents (format text)")
+    prompt_column: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
+    completion_column: str = Field(
+        "completion", min_length=1, description="column holding the completion (format prompt_completion)"
+    )
+    input_column: str | None = Field(
+        None,
+        description="optional column appended to the prompt after a blank line when non-empty: alpaca-style files use "
+        "prompt_column=instruction, input_column=input, completion_column=output (format prompt_completion)",
+    )
+    prompt_suffix: str = Field(
+        "",
+        description="text appended to every prompt, e.g. '\\n' or OpenAI's legacy separator '\\n\\n###\\n\\n'; send "
+        "prompts with the same suffix at inference (format prompt_completion)",
+    )
+    messages_column: str = Field("messages", min_length=1, description="column holding the conversation (format chat)")
+    train_on_prompt: bool = Field(
+        False,
+        description="also learn the prompt (system and user turns for chat); false: labels are -100 everywhere but "
+        "the completion / assistant turns",
+    )
+    packing: bool = Field(
+        True,
+        description="task formats: several examples share a block, each attending only to itself (position ids reset "
+        "per example); false: one example per row, padded per batch with length bucketing. Text is always packed",
+    )
+    truncation: Literal["error", "drop", "truncate_prompt_left"] = Field(
+        "error",
+        description="an example longer than block_size: fail naming its row, drop it (counted), or cut the prompt "
+        "from the left (the completion is never cut; one that cannot fit is dropped and counted)",
+    )
     split_ratios: tuple[float, float, float] = Field(
         (0.9, 0.05, 0.05), description="train/validation/test fractions used when splits are carved from one set"
     )
     split_seed: int = Field(0, description="seed of the carve, so the splits are the same on every run")
-    block_size: int = Field(128, ge=8, le=65536, description="tokens per training block (documents packed, EOS between)")
+    block_size: int = Field(
+        128, ge=8, le=65536,
+        description="tokens per training block (documents packed, EOS between); for task formats the longest example",
+    )
     scrub_pii: bool = Field(False, description="replace e-mails, phones, card and national ID numbers before tokenising")
-    embedded: EmbeddedCorpus = Field(default_factory=EmbeddedCorpus)
+    embedded: EmbeddedCorpus = Field(default_factory=EmbeddedCorpus, description="the generated corpus (source embedded)")
+
+    @model_validator(mode="after")
+    def _keys_fit_the_format(self) -> DataConfig:
+        """A key changed for another format would be silently ignored; say so instead. (Compared with the
+        defaults, not `model_fields_set`: a dumped and re-validated config sets every key.)"""
+        only = {"text": ("text_column",), "chat": ("messages_column",),
+                "prompt_completion": ("prompt_column", "completion_column", "input_column", "prompt_suffix")}
+        only["chat"] += ("train_on_prompt", "truncation")
+        only["prompt_completion"] += ("train_on_prompt", "truncation")
+        unused = {k for fmt, keys in only.items() if fmt != self.format for k in keys} - set(only[self.format])
+        if self.format == "text":
+            unused.add("packing")
+        wrong = sorted(k for k in unused if getattr(self, k) != type(self).model_fields[k].default)
+        if wrong:
+            raise ValueError(f"data.{', data.'.join(wrong)}: not used with data.format={self.format!r}")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -2,13 +2,15 @@
 distributed map; each Train worker reads a disjoint, deterministic shard.
 
 Errors about the data (missing or empty file, wrong column, non-text values, too little text) are raised
-here, on the driver, before any worker starts, and name the file and the column.
+here, on the driver, before any worker starts, and name the file and the column. The task formats
+(`data.format` prompt_completion and chat) are loaded, masked and packed by `aigc.taskdata`, which builds on
+this module; `load_splits` and `to_ray_blocks` hand them over.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ import numpy as np
 from aigc.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
-MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")  # what a packed block feeds the model
+# What a row may feed the model: text blocks and padded task examples carry an attention mask, packed task
+# blocks position ids that restart per example (and no mask; see aigc.taskdata). `model_inputs` picks them.
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
+PII_KINDS = ("email", "phone", "card", "national_id")
 # file suffix -> `datasets` builder
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -29,7 +34,8 @@ class DataError(ValueError):
 
 @dataclass
 class Splits:
-    """Validated train/validation/test text, as `datasets.Dataset`s with one column: `text`."""
+    """Validated train/validation/test data as `datasets.Dataset`s: one column `text`, or for the task formats
+    `prompt` and `completion` (or `messages`, as JSON) and `source` (file and line, for messages)."""
 
     train: Any
     validation: Any
@@ -58,10 +64,8 @@ def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
     return paths
 
 
-def _load_file(path: str, column: str) -> Any:
-    """One local file as a single-column (`text`) Dataset, with every check that names the file."""
-    import datasets
-
+def check_file(path: str) -> tuple[Path, str]:
+    """A local data file that exists and is not empty, and the `datasets` builder for its type."""
     p = Path(path).expanduser()
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
@@ -70,6 +74,14 @@ def _load_file(path: str, column: str) -> Any:
         raise DataError(f"{path}: no such file")
     if p.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+    return p, fmt
+
+
+def _load_file(path: str, column: str) -> Any:
+    """One local file as a single-column (`text`) Dataset, with every check that names the file."""
+    import datasets
+
+    p, fmt = check_file(path)
     try:
         ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
     except Exception as e:  # datasets raises many types for malformed files
@@ -106,7 +118,7 @@ def _concat(paths: list[str], column: str) -> Any:
     return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
 
 
-def _carve(ds: Any, ratios: tuple[float, float, float], seed: int, where: str) -> tuple[Any, Any, Any]:
+def carve(ds: Any, ratios: tuple[float, float, float], seed: int, where: str) -> tuple[Any, Any, Any]:
     """Split one dataset into train/validation/test by ratio with a fixed seed (same split every run)."""
     n = len(ds)
     n_val, n_test = round(n * ratios[1]), round(n * ratios[2])
@@ -121,7 +133,12 @@ def _carve(ds: Any, ratios: tuple[float, float, float], seed: int, where: str) -
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Validated train/validation/test text from the embedded corpus, local files, or a hub dataset."""
+    """Validated train/validation/test text (or task examples) from the embedded corpus, local files, or a hub
+    dataset."""
+    if cfg.format != "text":
+        from aigc.taskdata import load_task_splits  # taskdata builds on this module
+
+        return load_task_splits(cfg)
     if cfg.source == "hub":
         import datasets
 
@@ -134,7 +151,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         if "train" not in parts:
             raise DataError(f"{where}: has no 'train' split (splits: {list(dd)})")
         if len(parts) < 3:
-            parts = dict(zip(SPLITS, _carve(parts["train"], cfg.split_ratios, cfg.split_seed, where), strict=True))
+            parts = dict(zip(SPLITS, carve(parts["train"], cfg.split_ratios, cfg.split_seed, where), strict=True))
         return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
 
     if cfg.source == "embedded":
@@ -147,7 +164,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     train = _concat(files["train"], column)
     if files["validation"]:
         return Splits(train, _concat(files["validation"], column), _concat(files["test"], column), origin)
-    return Splits(*_carve(train, cfg.split_ratios, cfg.split_seed, origin["train"]), origin=origin)
+    return Splits(*carve(train, cfg.split_ratios, cfg.split_seed, origin["train"]), origin=origin)
 
 
 # ----------------------------------------------------------------------------------- tokenise + pack
@@ -191,7 +208,7 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = pack_ids(ids, tokenizer.eos_token_id, block_size)
         # per-batch PII counts ride on the first block so the driver can sum them without a second pass
-        for kind in ("email", "phone", "card", "national_id"):
+        for kind in PII_KINDS:
             col = np.zeros(len(out["input_ids"]), dtype=np.int64)
             if len(col):
                 col[0] = counts.get(kind, 0)
@@ -203,10 +220,16 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
 
 @dataclass
 class PackedData:
-    datasets: dict[str, Any]  # split -> materialized ray.data.Dataset of blocks
-    blocks: dict[str, int]
-    tokens: dict[str, int]
+    datasets: dict[str, Any]  # split -> materialized ray.data.Dataset of blocks (or padded examples)
+    blocks: dict[str, int]  # rows: blocks, or examples when task data is not packed
+    tokens: dict[str, int]  # tokens that are not padding
     pii: dict[str, int]
+    loss_tokens: dict[str, int] = field(default_factory=dict)  # task formats: tokens whose label is not -100
+    examples: dict[str, dict[str, int]] = field(default_factory=dict)  # task formats: kept / dropped counts
+
+    def loss_fraction(self) -> dict[str, float]:
+        """Per split, the fraction of tokens that carry loss (1.0 minus the first token for text)."""
+        return {s: round(self.loss_tokens[s] / max(self.tokens[s], 1), 4) for s in self.loss_tokens}
 
 
 def to_ray(ds: Any, docs_per_block: int) -> Any:
@@ -223,8 +246,12 @@ def to_ray(ds: Any, docs_per_block: int) -> Any:
 
 def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataConfig, docs_per_batch: int = 1000) -> PackedData:
     """Tokenise and pack every split with a distributed Ray Data map, materialise, and check the sizes."""
+    if cfg.format != "text":
+        from aigc.taskdata import task_blocks  # taskdata builds on this module
+
+        return task_blocks(splits, tokenizer, cfg, docs_per_batch)
     pack = make_packer(tokenizer, cfg.block_size, cfg.scrub_pii)
-    kinds = ("email", "phone", "card", "national_id")
+    kinds = PII_KINDS
     counted = ["n_tokens", *(f"pii_{k}" for k in kinds)]
     out, blocks, tokens, pii = {}, {}, {}, dict.fromkeys(kinds, 0)
     for name in SPLITS:
@@ -269,3 +296,40 @@ def make_data_config() -> Any:
     from ray.train import DataConfig as RayDataConfig
 
     return RayDataConfig(datasets_to_split=[])
+
+
+# ----------------------------------------------------------------------------------- batches -> model
+
+BUCKET_WINDOW = 16  # micro-batches sorted by length together; bigger pads less but mixes lengths less randomly
+
+
+def train_batches(shard: Any, micro_batch: int, seed: int, bucket: bool) -> Iterator[dict[str, Any]]:
+    """One epoch of training micro-batches (torch tensors) of a worker's shard, deterministic for a seed, so
+    resume can skip what was seen. Packed blocks: a local shuffle. `bucket` (task examples, one per row):
+    windows of BUCKET_WINDOW micro-batches are sorted by length, cut into micro-batches, and those visited in
+    a seeded random order, so each batch holds similar lengths and `model_inputs` trims it to its longest.
+    Each window drops its last partial micro-batch (equal shards: every rank runs the same number)."""
+    import torch
+
+    shuffle = {"local_shuffle_buffer_size": max(4 * micro_batch, 64), "local_shuffle_seed": seed}
+    if not bucket:
+        yield from shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, dtypes=torch.long, **shuffle)
+        return
+    gen = torch.Generator().manual_seed(seed)
+    for window in shard.iter_torch_batches(batch_size=micro_batch * BUCKET_WINDOW, dtypes=torch.long, **shuffle):
+        order = torch.argsort(window["n_tokens"], stable=True)
+        chunks = [order[i:i + micro_batch] for i in range(0, len(order) - micro_batch + 1, micro_batch)]
+        for j in torch.randperm(len(chunks), generator=gen).tolist():
+            yield {k: v[chunks[j]] for k, v in window.items()}
+
+
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The keyword arguments of the model's forward for a batch: the model columns it has, on `device`,
+    padding columns trimmed (a batch is as wide as its longest row), and `use_cache=False`: a KV cache,
+    which transformers builds whenever the config says use_cache, silently turns a packed block's
+    block-diagonal mask into a plain causal one (masking_utils skips packed detection with a cache)."""
+    out = {k: batch[k] for k in MODEL_COLUMNS if k in batch}
+    if "attention_mask" in out:
+        width = int(out["attention_mask"].any(dim=0).nonzero().max()) + 1 if out["attention_mask"].any() else 1
+        out = {k: v[:, :width] for k, v in out.items()}
+    return {**{k: v.to(device) for k, v in out.items()}, "use_cache": False}

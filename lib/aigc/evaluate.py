@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
-from aigc.data import MODEL_COLUMNS
+from aigc.data import model_inputs
 
 
 @torch.no_grad()
 def block_loss(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Token-weighted mean next-token loss over packed blocks (labels -100 are ignored)."""
+    """Token-weighted mean next-token loss over blocks or padded examples (labels -100 are ignored)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for batch in batches:
-        batch = {k: batch[k].to(device) for k in MODEL_COLUMNS}
+        batch = model_inputs(batch, device)
         n = int((batch["labels"][:, 1:] != -100).sum())
         if n:
             total += float(model(**batch).loss.float()) * n

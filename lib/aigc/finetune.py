@@ -16,6 +16,8 @@ from typing import Any
 
 from aigc.config import FinetuneConfig, expand, to_yaml
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
+from aigc.taskdata import training_texts
+from aigc.template import ensure_chat_template
 from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
 
 BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
@@ -99,7 +101,8 @@ def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
 
 
 def _check_sizes(cfg: FinetuneConfig, packed: PackedData, origin: dict[str, str]) -> None:
-    """Each worker needs at least one micro-batch of train blocks and one validation block."""
+    """Each worker needs at least one micro-batch of train blocks and one validation block (a block is one
+    padded example when task data is not packed)."""
     w, o = cfg.scaling.num_workers, cfg.optim
     need = w * o.micro_batch_size * o.grad_accum
     if packed.blocks["train"] < need:
@@ -170,19 +173,27 @@ class Prepared:
 
 
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
-    """Load and validate the data, prepare the base model, tokenise and pack: all before any worker starts."""
+    """Load and validate the data, prepare the base model, tokenise and pack: all before any worker starts.
+
+    Task formats also report, per split, the fraction of tokens that carry loss and how many examples were
+    kept, had their prompt truncated, or were dropped (too long, or nothing left to learn)."""
     from transformers import AutoTokenizer
 
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
     init_ray()
-    base = prepare_base(cfg, run_dir, splits.train["text"])
+    texts = splits.train["text"] if cfg.data.format == "text" else training_texts(splits.train)
+    base = prepare_base(cfg, run_dir, texts)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.eos_token_id is None:
         raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")
+    if cfg.data.format == "chat" and ensure_chat_template(tokenizer):
+        print("[aigc] data: the tokenizer has no chat template; using aigc's default (saved with the model)", flush=True)
     packed = to_ray_blocks(splits, tokenizer, cfg.data)
     _check_sizes(cfg, packed, splits.origin)
     info = {"blocks": packed.blocks, "tokens": packed.tokens, "origin": splits.origin,
             "pii_scrubbed": packed.pii if cfg.data.scrub_pii else None}
+    if cfg.data.format != "text":
+        info.update(loss_token_fraction=packed.loss_fraction(), examples=packed.examples)
     print(f"[aigc] data: {json.dumps({k: v for k, v in info.items() if k != 'origin'})}", flush=True)
     return Prepared(base, packed, splits, info)
 

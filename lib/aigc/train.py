@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aigc.config import FinetuneConfig, expand
-from aigc.data import MODEL_COLUMNS
+from aigc.data import model_inputs, train_batches
+from aigc.template import ensure_chat_template
 
 CKPT_TAG = "ds"  # DeepSpeed tag inside every reported checkpoint: <ckpt>/ds/...
 HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export needs nothing else
@@ -63,7 +64,7 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=micro_batch, dtypes=torch.long)):
             if max_batches is not None and i >= max_batches:
                 break
-            batch = {k: batch[k].to(engine.device) for k in MODEL_COLUMNS}
+            batch = model_inputs(batch, engine.device)
             out = engine(**batch)
             n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts positions 1..T-1
             total += float(out.loss) * n
@@ -106,6 +107,8 @@ def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
     torch.manual_seed(o.seed)
     loaded = load_model(base, require_metadata=False)
     model, tokenizer = loaded.model.train(), loaded.tokenizer
+    if cfg.data.format == "chat":
+        ensure_chat_template(tokenizer)  # as aigc.finetune.prepare did; the checkpoints save it for Serve
     set_dropout(model, cfg.model.dropout)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -122,7 +125,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
     cfg = FinetuneConfig.model_validate(config["cfg"])
     import ray.train
-    import torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -181,22 +183,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_prev = time.perf_counter()
     while state["step"] < o.max_steps and not state["stopped_early"]:
         skip = state["batch_in_epoch"]
-        batches = train_shard.iter_torch_batches(
-            batch_size=o.micro_batch_size, drop_last=True, dtypes=torch.long,
-            local_shuffle_buffer_size=max(4 * o.micro_batch_size, 64), local_shuffle_seed=o.seed + state["epoch"],
-        )
+        bucket = cfg.data.format != "text" and not cfg.data.packing  # one example per row: batch by length
+        batches = train_batches(train_shard, o.micro_batch_size, o.seed + state["epoch"], bucket)
         for i, batch in enumerate(batches):
             if i < skip:  # exact resume: the shard and its shuffle are deterministic, so skip what was seen
                 continue
-            batch = {k: batch[k].to(engine.device) for k in MODEL_COLUMNS}
-            loss = engine(**batch).loss
+            n_tokens = int(batch["n_tokens"].sum())
+            loss = engine(**model_inputs(batch, engine.device)).loss
             engine.backward(loss)
             engine.step()
             now = time.perf_counter()
             state["train_seconds"] += now - t_prev  # data + compute; validation and checkpoints excluded
             t_prev = now
             state["batch_in_epoch"] = i + 1
-            state["tokens_seen"] += int(batch["attention_mask"].sum()) * world  # equal shards: same on every rank
+            state["tokens_seen"] += n_tokens * world  # equal shards: same on every rank
             window_loss += float(loss.detach())
             window_n += 1
             if engine.global_steps == state["step"]:
