@@ -1,8 +1,8 @@
 """The Serve app on a real local Ray, called over real HTTP with the official `openai` client.
 
 One app is deployed for the module (tests run in file order and share it): completions and streaming
-match the shared generation path token for token, bad requests get their 4xx while good ones keep
-working, metrics reach Ray's endpoint, load drives replicas 1 -> 2 -> 1, a killed replica is
+match the shared generation path token for token, chat renders the prompt training renders, bad
+requests get their 4xx while good ones keep working, metrics reach Ray's endpoint, load drives replicas 1 -> 2 -> 1, a killed replica is
 replaced, a new model replaces the old with no failed request, and overload is a quick 503.
 """
 
@@ -24,7 +24,10 @@ APP, DEPLOYMENT, KEY, NAME = "aigc", "Model", "test-key", "tiny"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # greedy, so its 3 tokens are certain (a sampled one may end early on EOS)
 GOOD = {"model": NAME, "prompt": "Save", "max_tokens": 3, "temperature": 0}
-MOD_PROMPT = "Save big on"  # its greedy output holds a blocked term (see `served`); no other test uses it
+# prompts whose greedy output may hold the output moderation's blocked term (see `served`); no other test
+# uses them. The tiny model's outputs change with its corpus, and some are lone bytes (U+FFFD), so the first
+# prompt whose continuation has whole printable characters there is the one.
+MOD_PROMPTS = ("Free shipping", "Save big on", "Hurry, get", "Only today")
 
 
 def _free_port() -> int:
@@ -78,17 +81,36 @@ def served(ray_local, tiny_model_dir, lm):
     from aigc.serving.app import build_app
 
     # the output moderation test needs a term the model will produce: part of a greedy continuation
-    # (the random tiny model repeats itself, e.g. " onPPPPPP...", so 4 characters are distinctive)
-    greedy = generate(lm.model, lm.tokenizer, [MOD_PROMPT], SamplingParams(temperature=0, max_tokens=24))[0].text
-    blocked = greedy[4:8]
-    assert len(blocked) == 4 and blocked.isprintable() and "\ufffd" not in blocked, greedy
+    # (the random tiny model repeats itself, e.g. "inging^^^^^^...", so 4 characters are distinctive)
+    tried = {}
+    for mod_prompt in MOD_PROMPTS:
+        greedy = tried[mod_prompt] = generate(lm.model, lm.tokenizer, [mod_prompt],
+                                              SamplingParams(temperature=0, max_tokens=24))[0].text
+        blocked = greedy[4:8]
+        if len(blocked) == 4 and blocked.isprintable() and "\ufffd" not in blocked:
+            break
+    else:
+        raise AssertionError(f"no greedy continuation with a printable term: {tried}")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_args(tiny_model_dir, blocked)), name=APP, route_prefix="/")
     # tests that redeploy record the model they left behind in "model_dir"
-    yield {"url": f"http://127.0.0.1:{port}", "blocked": blocked, "greedy": greedy, "model_dir": tiny_model_dir}
+    yield {"url": f"http://127.0.0.1:{port}", "blocked": blocked, "greedy": greedy, "mod_prompt": mod_prompt,
+           "model_dir": tiny_model_dir}
     serve.delete(APP)
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_model_dir):
+    """The tokenizer as the replica holds it: the fixture's directory has no chat template, so the default."""
+    from transformers import AutoTokenizer
+
+    from aigc.template import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert ensure_chat_template(tok)
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +120,9 @@ def client(served):
     return OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _post(served, body, headers=AUTH, raw=None, timeout=60):
+def _post(served, body, headers=AUTH, raw=None, timeout=60, path="/v1/completions"):
     data = raw if raw is not None else json.dumps(body)
-    return requests.post(served["url"] + "/v1/completions", data=data, headers=headers, timeout=timeout)
+    return requests.post(served["url"] + path, data=data, headers=headers, timeout=timeout)
 
 
 def _replicas() -> Counter:
@@ -210,12 +232,13 @@ def test_moderation_answers_content_filter(served, client):
     blocked_prompt = client.completions.create(model=NAME, prompt="say ForbiddenWord now", max_tokens=5)
     assert blocked_prompt.choices[0].finish_reason == "content_filter" and blocked_prompt.choices[0].text == ""
     assert blocked_prompt.usage.completion_tokens == 0
-    # the greedy continuation of MOD_PROMPT contains the other blocked term: output stops before it
-    out = client.completions.create(model=NAME, prompt=MOD_PROMPT, max_tokens=24, temperature=0)
+    # the greedy continuation of the chosen prompt contains the other blocked term: output stops before it
+    out = client.completions.create(model=NAME, prompt=served["mod_prompt"], max_tokens=24, temperature=0)
     assert out.choices[0].finish_reason == "content_filter"
     assert served["blocked"] not in out.choices[0].text
     assert served["greedy"].startswith(out.choices[0].text)
-    chunks = list(client.completions.create(model=NAME, prompt=MOD_PROMPT, max_tokens=24, temperature=0, stream=True))
+    chunks = list(client.completions.create(model=NAME, prompt=served["mod_prompt"], max_tokens=24, temperature=0,
+                                            stream=True))
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     assert served["blocked"] not in "".join(c.choices[0].text for c in chunks)
 
@@ -260,6 +283,94 @@ def test_bad_request_gets_4xx_and_the_server_keeps_serving(served, name, body, h
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
+# ---------------------------------------------------------------------------------------------- chat
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "system", "content": "Write short ads."}, {"role": "user", "content": "Running shoes"},
+            {"role": "assistant", "content": "Run further."}, {"role": "user", "content": "Now for socks"}]
+
+
+def test_chat_answers_from_the_prompt_training_renders(served, client, lm, chat_tok):
+    from aigc.generation import SamplingParams
+    from aigc.template import prompt_ids, render_prompt
+
+    assert served["blocked"] not in render_prompt(chat_tok, MESSAGES)  # else moderation would answer
+    ids = prompt_ids(chat_tok, MESSAGES)  # what training tokenises for this prompt
+    want = _expected(lm, served, ids, SamplingParams(temperature=0, max_tokens=12))
+    got = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0,
+                                         extra_body={"return_token_ids": True})
+    message = got.choices[0].message
+    assert message.role == "assistant" and message.content == want.text and want.text
+    assert got.choices[0].finish_reason == want.finish_reason and got.choices[0].model_extra["token_ids"] == want.token_ids
+    assert got.usage.prompt_tokens == len(ids) and got.model_extra["prompt_token_ids"] == ids
+    assert got.usage.completion_tokens == len(want.token_ids) > 0
+    assert got.object == "chat.completion" and got.id.startswith("chatcmpl-") and got.model == NAME
+    assert got.system_fingerprint.startswith("fp_")
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0, "seed": 5}, {"temperature": 1.0, "top_p": 0.9, "seed": 42}],
+                         ids=["greedy", "seeded"])
+def test_streamed_chat_equals_non_streamed(served, client, sampling):
+    whole = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=25, **sampling)
+    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=25, stream=True,
+                                                 stream_options={"include_usage": True}, **sampling))
+    assert chunks[0].choices[0].delta.role == "assistant"  # the role first, as OpenAI streams it
+    with_choice = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choice) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in with_choice][-1] == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choice[:-1]) and len(with_choice) > 3
+    assert chunks[-1].usage == whole.usage and {c.id for c in chunks} == {chunks[0].id}
+    assert chunks[0].object == "chat.completion.chunk"
+    # on the wire: server-sent events that end with [DONE]
+    r = _post(served, {"model": NAME, "messages": MESSAGES[-1:], "max_tokens": 5, "stream": True}, path=CHAT)
+    events = [line for line in r.text.split("\n\n") if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_chat_prompt_moderation_answers_content_filter(client):
+    out = client.chat.completions.create(model=NAME, max_tokens=5,
+                                         messages=[{"role": "user", "content": "say ForbiddenWord now"}])
+    assert out.choices[0].finish_reason == "content_filter" and out.choices[0].message.content == ""
+    assert out.usage.completion_tokens == 0
+
+
+USER = {"role": "user", "content": "Running shoes"}
+BAD_CHAT = [
+    # (name, messages, the field the error names)
+    ("missing role", [{"content": "a"}], "messages[0].role"),
+    ("unknown role", [USER, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}], "messages[2].role"),
+    ("non-string content", [{"role": "user", "content": 5}], "messages[0].content"),
+    ("content parts", [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "messages[0].content"),
+    ("empty list", [], "messages"),
+    ("last turn not user", [USER, {"role": "assistant", "content": "b"}], "messages[1].role"),
+]
+
+
+@pytest.mark.parametrize("name, messages, field", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
+def test_malformed_messages_are_a_400_naming_the_field(client, name, messages, field):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=messages, max_tokens=3)
+    assert e.value.status_code == 400 and e.value.param == field and e.value.type == "invalid_request_error"
+    assert e.value.body["message"].startswith(field)
+    ok = client.chat.completions.create(model=NAME, messages=[USER], max_tokens=3, temperature=0)
+    assert ok.choices[0].message.content and ok.usage.completion_tokens == 3  # the server keeps serving
+
+
+def test_chat_wants_an_api_key_too(served):
+    from openai import AuthenticationError, OpenAI
+
+    wrong = OpenAI(base_url=served["url"] + "/v1", api_key="nope", max_retries=0, timeout=60)
+    with pytest.raises(AuthenticationError) as e:
+        wrong.chat.completions.create(model=NAME, messages=[USER], max_tokens=3)
+    assert e.value.status_code == 401 and "incorrect API key" in e.value.message
+    r = _post(served, {"model": NAME, "messages": [USER], "max_tokens": 3}, headers={}, path=CHAT)
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
 def _replica_logs(marker: str, timeout: float = 20) -> str:
     """Text of this Ray session's log files once `marker` shows up in them (or after `timeout`)."""
     import ray
@@ -297,15 +408,18 @@ def test_a_client_that_goes_away_frees_its_row(served):
 def test_prompts_are_not_logged(served):
     marker = "zebra-quartz-unlogged"
     rid = _post(served, {"model": NAME, "prompt": f"Save {marker}", "max_tokens": 2}).json()["id"]
-    text = _replica_logs(rid)  # the request's own log line shows we read the right files
-    assert rid in text and marker not in text
+    chat = {"model": NAME, "messages": [{"role": "user", "content": f"Save {marker}"}], "max_tokens": 2}
+    chat_rid = _post(served, chat, path=CHAT).json()["id"]
+    text = _replica_logs(chat_rid)  # the requests' own log lines show we read the right files
+    assert rid in text and chat_rid in text and marker not in text
 
 
 def test_metrics_reach_rays_endpoint(served, ray_local):
     port = ray_local.address_info["metrics_export_port"]
     want = ['ray_aigc_requests_total{', 'code="200"', 'code="400"', "ray_aigc_completion_tokens_total",
             "ray_aigc_prompt_tokens_total", "ray_aigc_request_latency_s_bucket", "ray_aigc_errors_total",
-            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_batch_size_bucket"]
+            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_batch_size_bucket",
+            'route="/v1/chat/completions"']
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

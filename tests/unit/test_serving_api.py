@@ -1,5 +1,5 @@
-"""The Serve app's edge without Ray: what imports stay light, API keys, and parsing a completions request
-into SamplingParams and token ids (every bad field a 4xx that names it)."""
+"""The Serve app's edge without Ray: what imports stay light, API keys, parsing a completions or chat request
+into SamplingParams and token ids (every bad field a 4xx that names it), and the answers' shapes."""
 
 import json
 import os
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from aigc.serving import api
-from aigc.serving.api import ApiError, accepted_keys, authorize, parse_completion, parse_json_body
+from aigc.serving.api import ApiError, accepted_keys, authorize, parse_chat, parse_completion, parse_json_body
 from aigc.serving.args import LimitsArgs, ServeArgs
+from aigc.template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, prompt_ids, render_prompt
 
 LIB = Path(__file__).parents[2] / "lib"
 NAME, CTX = "tiny", 128  # the served id and the tiny model's positions (conftest's tiny_model_dir)
@@ -177,3 +178,148 @@ def test_a_body_that_is_not_a_json_object_is_a_400_naming_body(raw):
 
 def test_a_json_object_body_parses():
     assert parse_json_body(b'{"model": "tiny", "prompt": "a"}') == {"model": "tiny", "prompt": "a"}
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+CHAT = [{"role": "system", "content": "Write short ads."}, {"role": "user", "content": "Running shoes"},
+        {"role": "assistant", "content": "Run further."}, {"role": "user", "content": "Now for socks"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_model_dir):
+    """The tiny model's tokenizer as the replica holds it: no template saved, so aigc's default applies."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert ensure_chat_template(tok) and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def _chat(body, tok, limits=LIMITS):
+    return parse_chat({"model": NAME, **body}, limits, tok, model=NAME, context=CTX)
+
+
+def test_a_chat_request_becomes_the_prompt_training_renders(chat_tok):
+    p = _chat({"messages": CHAT, "max_tokens": 5, "temperature": 0.5, "top_k": 4, "seed": 3, "stop": ["!"],
+               "stream": True, "stream_options": {"include_usage": True}}, chat_tok)
+    # the same text and the same token ids as the prompt part of a training example
+    assert p.prompts == [render_prompt(chat_tok, CHAT)] and p.prompts[0].endswith("User: Now for socks\nAssistant:\n")
+    assert p.prompt_ids == [prompt_ids(chat_tok, CHAT)]
+    assert (p.params.max_tokens, p.params.temperature, p.params.top_k, p.params.seed, p.params.stop) == (5, 0.5, 4, 3, ["!"])
+    assert p.request.stream and p.request.stream_options.include_usage
+    one = _chat({"messages": [{"role": "user", "content": "Hi", "name": "ann"}]}, chat_tok)
+    assert one.prompts == ["User: Hi\nAssistant:\n"] and one.params.max_tokens == LIMITS.default_max_tokens
+    # harmless defaults OpenAI clients send are accepted
+    assert _chat({"messages": CHAT[:2], "response_format": {"type": "text"}, "logprobs": False, "n": 1}, chat_tok)
+
+
+USER = {"role": "user", "content": "a"}
+BAD_CHAT = [
+    # (name, body, status, the field the error names)
+    ("missing messages", {}, 400, "messages"),
+    ("messages not a list", {"messages": "hi"}, 400, "messages"),
+    ("empty messages", {"messages": []}, 400, "messages"),
+    ("a message not an object", {"messages": [USER, "hi"]}, 400, "messages[1]"),
+    ("missing role", {"messages": [{"content": "a"}]}, 400, "messages[0].role"),
+    ("unknown role", {"messages": [{"role": "system", "content": "a"}, USER, {"role": "tool", "content": "a"}]},
+     400, "messages[2].role"),
+    ("role of wrong type", {"messages": [{"role": 1, "content": "a"}]}, 400, "messages[0].role"),
+    ("missing content", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("non-string content", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("content parts", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, 400,
+     "messages[0].content"),
+    ("null content", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("unknown message field", {"messages": [{**USER, "tool_calls": []}]}, 400, "messages[0].tool_calls"),
+    ("last turn assistant", {"messages": [USER, {"role": "assistant", "content": "b"}]}, 400, "messages[1].role"),
+    ("last turn system", {"messages": [{"role": "system", "content": "b"}]}, 400, "messages[0].role"),
+    ("blank last turn", {"messages": [{"role": "user", "content": " "}]}, 400, "messages[0].content"),
+    ("too many prompt tokens", {"messages": [{"role": "user", "content": "the " * 300}]}, 400, "messages"),
+    ("too many prompt chars", {"messages": [{"role": "user", "content": "x" * 2001}]}, 400, "messages"),
+    ("prompt + max_tokens over the context", {"messages": [{"role": "user", "content": "the " * 100}],
+                                              "max_tokens": 64}, 400, "max_tokens"),
+    ("unknown model", {"model": "gpt-9", "messages": [USER]}, 404, "model"),
+    ("negative temperature", {"messages": [USER], "temperature": -1}, 400, "temperature"),
+    ("max_tokens over the cap", {"messages": [USER], "max_tokens": 121}, 400, "max_tokens"),
+    ("unknown field", {"messages": [USER], "temprature": 1}, 400, "temprature"),
+    ("unsupported n", {"messages": [USER], "n": 2}, 400, "n"),
+    ("unsupported logprobs", {"messages": [USER], "logprobs": True}, 400, "logprobs"),
+    ("unsupported tools", {"messages": [USER], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),
+    ("unsupported functions", {"messages": [USER], "functions": [{"name": "f"}]}, 400, "functions"),
+    ("unsupported response_format", {"messages": [USER], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("unsupported penalty", {"messages": [USER], "presence_penalty": 0.5}, 400, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, field", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
+def test_each_bad_chat_field_is_a_4xx_that_names_its_path(chat_tok, name, body, status, field):
+    with pytest.raises(ApiError) as e:
+        _chat(body, chat_tok)
+    assert (e.value.status, e.value.param) == (status, field), e.value.message
+    assert e.value.message.startswith(field) and e.value.type == "invalid_request_error"
+
+
+def test_an_unknown_role_says_which_roles_there_are(chat_tok):
+    with pytest.raises(ApiError) as e:
+        _chat({"messages": [{"role": "developer", "content": "a"}, USER]}, chat_tok)
+    assert e.value.message == "messages[0].role: must be one of system, user, assistant (got 'developer')"
+
+
+def test_a_template_that_fails_to_render_is_a_400_naming_messages(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{{ raise_exception('turns must alternate') }}"
+    with pytest.raises(ApiError) as e:
+        _chat({"messages": [USER]}, tok)
+    assert (e.value.status, e.value.param) == (400, "messages") and "turns must alternate" in e.value.message
+
+
+def test_chat_errors_never_echo_message_text(chat_tok):
+    secret = "zebra-quartz " * 200
+    for messages in ([{"role": "user", "content": [secret]}], [{"role": "user", "content": secret}],
+                     [{"role": "user", "content": "a", "name": 5, "extra": secret}]):
+        with pytest.raises(ApiError) as e:
+            _chat({"messages": messages}, chat_tok)
+        assert "zebra" not in e.value.message
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+def test_chat_answers_are_what_the_openai_client_parses(chat_tok):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    p = _chat({"messages": CHAT, "return_token_ids": True}, chat_tok)
+    head = p.head(NAME, "fp_x")
+    whole = ChatCompletion.model_validate(p.response(head, ["Warm feet."], ["stop"], [[5, 6]], api.usage(9, 2)))
+    assert head.id.startswith("chatcmpl-") and whole.object == "chat.completion" and whole.id == head.id
+    assert (whole.choices[0].message.role, whole.choices[0].message.content) == ("assistant", "Warm feet.")
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.total_tokens == 11
+    assert whole.model_extra["prompt_token_ids"] == p.prompt_ids[0]  # vLLM's place for them in chat
+    assert whole.choices[0].model_extra["token_ids"] == [5, 6]
+    # a stream: the role, the text in pieces (empty pieces skipped), the finish_reason, the usage
+    raw = [*p.opening(head), *p.chunks(head, 0, "Warm", None, []), *p.chunks(head, 0, "", None, []),
+           *p.chunks(head, 0, " feet.", "stop", [5, 6]), p.usage_chunk(head, api.usage(9, 2))]
+    chunks = [ChatCompletionChunk.model_validate(c) for c in raw]
+    assert {c.id for c in chunks} == {head.id} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model_extra["prompt_token_ids"]
+    assert [c.choices[0].delta.content for c in chunks[1:3]] == ["Warm", " feet."]
+    assert [c.choices[0].finish_reason for c in chunks[:4]] == [None, None, None, "stop"]
+    assert chunks[3].choices[0].delta.content is None and chunks[4].choices == [] and chunks[4].usage.completion_tokens == 2
+
+
+def test_completion_answers_keep_their_shape(tok):
+    from openai.types import Completion
+
+    p = _parse({"model": NAME, "prompt": ["Save", "Our"], "return_token_ids": True}, tok)
+    head = p.head(NAME, "fp_x")
+    whole = Completion.model_validate(p.response(head, ["a", "b"], ["stop", "length"], [[1], [2]], api.usage(3, 2)))
+    assert head.id.startswith("cmpl-") and whole.object == "text_completion"
+    assert [c.text for c in whole.choices] == ["a", "b"] and whole.choices[1].finish_reason == "length"
+    assert whole.choices[0].model_extra == {"prompt_token_ids": p.prompt_ids[0], "token_ids": [1]}
+    assert p.opening(head) == []
+    [chunk] = p.chunks(head, 1, "x", "stop", [2])
+    assert chunk["choices"] == [{"text": "x", "index": 1, "logprobs": None, "finish_reason": "stop", "token_ids": [2]}]

@@ -1,8 +1,10 @@
-"""The OpenAI wire format, free of any HTTP framework and of Ray: errors, the completions request, key
-checks, request parsing into SamplingParams and token ids, and the response and SSE builders.
+"""The OpenAI wire format, free of any HTTP framework and of Ray: errors, the completions and chat
+requests, key checks, request parsing into SamplingParams and token ids, and the response and SSE builders.
 
 Every engine sits behind the same edge: what a request may ask for is decided here, once.
 """
+
+from __future__ import annotations
 
 import hashlib
 import hmac
@@ -10,15 +12,18 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypedDict, TypeVar
 
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from aigc.config import Strict
 from aigc.generation import SamplingParams, encode
 from aigc.serving.args import LimitsArgs, ServeArgs
+from aigc.template import ROLES, TemplateError, prompt_ids, render_prompt
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
 SSE_DONE = "data: [DONE]\n\n"  # the last event of every stream
@@ -48,12 +53,11 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(Strict):
-    """The OpenAI completions body. Sampling fields are checked by `SamplingParams`, not here; fields
+class OpenAIRequest(Strict):
+    """What completions and chat share. Sampling fields are checked by `SamplingParams`, not here; fields
     that change the answer but are not implemented must keep their default (400 otherwise)."""
 
     model: str
-    prompt: str | list[str]
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: Any = None
@@ -63,10 +67,6 @@ class CompletionRequest(Strict):
     stop: Any = None
     seed: Any = None
     n: int = 1
-    best_of: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -75,38 +75,106 @@ class CompletionRequest(Strict):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, message) for each field set to something this server does not implement."""
-        checks = [
+        return [(name, msg) for name, ok, msg in self._checks() if not ok]
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return [
             ("n", self.n == 1, "only n=1 is supported"),
-            ("best_of", self.best_of in (None, 1), "only best_of=1 is supported"),
-            ("echo", not self.echo, "echo is not supported"),
-            ("logprobs", self.logprobs is None, "logprobs are not supported"),
-            ("suffix", self.suffix is None, "suffix is not supported"),
             ("presence_penalty", self.presence_penalty == 0, "penalties are not supported"),
             ("frequency_penalty", self.frequency_penalty == 0, "penalties are not supported"),
             ("logit_bias", not self.logit_bias, "logit_bias is not supported"),
         ]
-        return [(name, msg) for name, ok, msg in checks if not ok]
 
 
-@dataclass
-class ParsedCompletion:
-    """A valid completions request, ready for an engine: one SamplingParams for every prompt."""
+class CompletionRequest(OpenAIRequest):
+    """The OpenAI completions body."""
 
-    request: CompletionRequest
-    params: SamplingParams
-    prompts: list[str]
-    prompt_ids: list[list[int]]  # each prompt's tokens, as the generation path encodes them
+    prompt: str | list[str]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return super()._checks() + [
+            ("best_of", self.best_of in (None, 1), "only best_of=1 is supported"),
+            ("echo", not self.echo, "echo is not supported"),
+            ("logprobs", self.logprobs is None, "logprobs are not supported"),
+            ("suffix", self.suffix is None, "suffix is not supported"),
+        ]
+
+
+class ChatMessage(Strict):
+    """One turn of a conversation: text content only (no parts, images or tool calls)."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v not in ROLES:  # the chat template renders these and no others
+            raise PydanticCustomError("role", "must be one of {roles} (got {got})",
+                                      {"roles": ", ".join(ROLES), "got": repr(v[:32])})
+        return v
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """The OpenAI chat completions body. Tools, structured output and logprobs are refused, not ignored."""
+
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return super()._checks() + [
+            ("logprobs", not self.logprobs, "logprobs are not supported"),
+            ("top_logprobs", self.top_logprobs is None, "logprobs are not supported"),
+            ("tools", self.tools is None, "tools are not supported"),
+            ("tool_choice", self.tool_choice is None, "tools are not supported"),
+            ("functions", self.functions is None, "functions are not supported"),
+            ("function_call", self.function_call is None, "functions are not supported"),
+            ("parallel_tool_calls", self.parallel_tool_calls is None, "tools are not supported"),
+            ("response_format", self.response_format in (None, {"type": "text"}),
+             "only response_format {'type': 'text'} is supported"),
+        ]
+
+
+R = TypeVar("R", bound=OpenAIRequest)
+TEXT_FIELDS = ("prompt", "messages")  # hold the user's text: never echoed in an error
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """A pydantic error location as the field a client sent: ("messages", 2, "role") -> "messages[2].role".
+    Only list items are entered, so a union's member tags (("prompt", "list[str]", 0)) stay out of it."""
+    path, in_item = str(loc[0]), False
+    for part in loc[1:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif in_item:
+            path += f".{part}"
+        else:
+            break
+        in_item = isinstance(part, int)
+    return path
 
 
 def validation_error(err: ValidationError) -> ApiError:
-    """Every problem in one message, each named by its top-level field; `param` is the first field."""
+    """Every problem in one message, each named by its field path; `param` is the first field."""
     problems: dict[str, str] = {}
     for e in err.errors():
-        name = str(e["loc"][0]) if e["loc"] else "body"
+        name = field_path(e["loc"]) if e["loc"] else "body"
         if name in problems:  # a union (`prompt: str | list[str]`) reports once per member; keep the first
             continue
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        if name != "prompt" and e["type"] not in ("missing", "extra_forbidden"):  # never echo prompt text
+        if name.split("[")[0] not in TEXT_FIELDS and e["type"] not in ("missing", "extra_forbidden"):
             msg += f" (got {e.get('input')!r})"
         problems[name] = f"{name}: {msg}"
     return ApiError(400, "; ".join(problems.values()), next(iter(problems), None))
@@ -145,13 +213,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_completion(body: Mapping[str, Any], limits: LimitsArgs, tokenizer: Any, *, model: str,
-                     context: int) -> ParsedCompletion:
-    """A completions body -> the parsed request, its SamplingParams and its prompts' token ids, checked
-    against `limits`, the served `model` id and the model's `context` (positions). Raises an ApiError
-    (4xx) that names the first bad field."""
+def _parse_request(cls: type[R], body: Mapping[str, Any], limits: LimitsArgs, model: str) -> tuple[R, SamplingParams]:
+    """What every route checks: the body's fields and types, the served `model`, the unsupported fields,
+    and the sampling fields as SamplingParams within `limits`."""
     try:
-        req = CompletionRequest.model_validate(body, strict=True)
+        req = cls.model_validate(body, strict=True)
     except ValidationError as e:
         raise validation_error(e) from None
     if req.model != model:
@@ -169,27 +235,67 @@ def parse_completion(body: Mapping[str, Any], limits: LimitsArgs, tokenizer: Any
     if params.max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens: {params.max_tokens} exceeds this server's limit of "
                             f"{limits.max_tokens}", "max_tokens")
+    return req, params
+
+
+def _fit_prompt(text: str, tokenize: Callable[[], list[int]], params: SamplingParams, limits: LimitsArgs,
+                context: int, *, where: str, param: str) -> list[int]:
+    """A prompt's token ids once its characters (before tokenizing), its tokens and its tokens plus
+    `max_tokens` fit `limits` and the model's `context`; else a 400 that starts with `where`."""
+    if len(text) > limits.max_prompt_chars:
+        raise ApiError(400, f"{where}: {len(text)} characters exceeds the limit of {limits.max_prompt_chars}", param)
+    tokens = tokenize()
+    max_prompt_tokens = min(limits.max_prompt_tokens or context - 1, context - 1)  # >= 1 position to generate
+    if len(tokens) > max_prompt_tokens:
+        raise ApiError(400, f"{where}: {len(tokens)} tokens exceeds the limit of {max_prompt_tokens}", param)
+    if len(tokens) + params.max_tokens > context:
+        raise ApiError(400, f"max_tokens: {where} has {len(tokens)} tokens, and {len(tokens)} + max_tokens "
+                            f"({params.max_tokens}) exceeds the model's context of {context}", "max_tokens")
+    return tokens
+
+
+def parse_completion(body: Mapping[str, Any], limits: LimitsArgs, tokenizer: Any, *, model: str,
+                     context: int) -> ParsedCompletion:
+    """A completions body -> the parsed request, its SamplingParams and its prompts' token ids, checked
+    against `limits`, the served `model` id and the model's `context` (positions). Raises an ApiError
+    (4xx) that names the first bad field."""
+    req, params = _parse_request(CompletionRequest, body, limits, model)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts or len(prompts) > limits.max_prompts:
         raise ApiError(400, f"prompt: give 1 to {limits.max_prompts} prompts, got {len(prompts)}", "prompt")
-    max_prompt_tokens = min(limits.max_prompt_tokens or context - 1, context - 1)  # >= 1 position to generate
     ids = []
     for i, p in enumerate(prompts):
         where = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
         if not p.strip():
             raise ApiError(400, f"{where}: must not be empty", "prompt")
-        if len(p) > limits.max_prompt_chars:
-            raise ApiError(400, f"{where}: {len(p)} characters exceeds the limit of {limits.max_prompt_chars}",
-                           "prompt")
-        tokens = encode(tokenizer, p)  # as the generation path does
-        if len(tokens) > max_prompt_tokens:
-            raise ApiError(400, f"{where}: {len(tokens)} tokens exceeds the limit of {max_prompt_tokens}",
-                           "prompt")
-        if len(tokens) + params.max_tokens > context:
-            raise ApiError(400, f"max_tokens: {where} has {len(tokens)} tokens, and {len(tokens)} + max_tokens "
-                                f"({params.max_tokens}) exceeds the model's context of {context}", "max_tokens")
-        ids.append(tokens)
+        # tokenized as the generation path does
+        ids.append(_fit_prompt(p, partial(encode, tokenizer, p), params, limits, context, where=where, param="prompt"))
     return ParsedCompletion(req, params, prompts, ids)
+
+
+def parse_chat(body: Mapping[str, Any], limits: LimitsArgs, tokenizer: Any, *, model: str,
+               context: int) -> ParsedChat:
+    """A chat completions body -> the parsed request, its SamplingParams, the conversation rendered with
+    the tokenizer's chat template and its token ids (`aigc.template.prompt_ids`: the ids training used for
+    the same prompt). Checked like `parse_completion`, the rendered prompt standing for `prompt`; an
+    ApiError (4xx) names the first bad field by its path (`messages[2].role`)."""
+    req, params = _parse_request(ChatCompletionRequest, body, limits, model)
+    if not req.messages:
+        raise ApiError(400, "messages: must hold at least one message", "messages")
+    last = len(req.messages) - 1
+    if req.messages[last].role != "user":  # the reply is generated for the user's last turn
+        raise ApiError(400, f"messages[{last}].role: the last message must be the user's, got "
+                            f"'{req.messages[last].role}'", f"messages[{last}].role")
+    if not req.messages[last].content.strip():
+        raise ApiError(400, f"messages[{last}].content: must not be empty", f"messages[{last}].content")
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        text = render_prompt(tokenizer, messages)
+        ids = _fit_prompt(text, partial(prompt_ids, tokenizer, messages), params, limits, context,
+                          where="messages", param="messages")
+    except TemplateError as e:
+        raise ApiError(400, f"messages: {e}", "messages") from None
+    return ParsedChat(req, params, [text], [ids])
 
 
 # ----------------------------------------------------------------------------------------- responses
@@ -213,21 +319,51 @@ class CompletionChoice(_TokenIds):
     finish_reason: str | None
 
 
-class CompletionResponse(TypedDict):
-    """A whole completion, or one chunk of a stream (one choice; `usage` only in the last chunk)."""
+class AssistantMessage(TypedDict, total=False):
+    role: str  # "assistant"; in a stream, only the first chunk's delta has it
+    content: str
+
+
+class ChatChoice(_TokenIds):
+    """A chat choice: `message` in a whole answer, `delta` in a stream's chunk."""
+
+    index: int
+    message: AssistantMessage
+    delta: AssistantMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class Response(TypedDict, total=False):
+    """A whole answer or one chunk of a stream (`usage` only in the whole answer and the last chunk)."""
 
     id: str
-    object: str
+    object: str  # text_completion | chat.completion | chat.completion.chunk
     created: int
     model: str
     system_fingerprint: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionChoice] | list[ChatChoice]
     usage: Usage | None
+    prompt_token_ids: list[int]  # chat with vLLM's `return_token_ids`: at the top, not in the choice
 
 
-def completion_id() -> str:
-    """A new request id (also the key of the request's log line)."""
-    return f"cmpl-{uuid.uuid4().hex}"
+@dataclass(frozen=True)
+class Head:
+    """What every object of one answer shares (a stream's chunks too): id, created, model, fingerprint."""
+
+    id: str
+    model: str
+    system_fingerprint: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, object_: str, choices: list, usage: Usage | None, **extra: Any) -> Response:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint, "choices": choices, "usage": usage, **extra}
+
+
+def completion_id(prefix: str = "cmpl") -> str:
+    """A new request id (also the key of the request's log line); chat's start `chatcmpl-`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def system_fingerprint(meta: Mapping[str, Any]) -> str:
@@ -245,10 +381,102 @@ def choice(index: int, text: str, finish_reason: str | None) -> CompletionChoice
     return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
 
-def completion_response(rid: str, model: str, fingerprint: str, choices: list[CompletionChoice],
-                        usage: Usage | None) -> CompletionResponse:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": fingerprint, "choices": choices, "usage": usage}
+def chat_choice(index: int, text: str, finish_reason: str | None) -> ChatChoice:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, delta: AssistantMessage, finish_reason: str | None = None) -> ChatChoice:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion_response(head: Head, choices: list[CompletionChoice], usage: Usage | None) -> Response:
+    return head.body("text_completion", choices, usage)
+
+
+def chat_response(head: Head, choices: list[ChatChoice], usage: Usage | None, **extra: Any) -> Response:
+    return head.body("chat.completion", choices, usage, **extra)
+
+
+def chat_chunk(head: Head, choices: list[ChatChoice], usage: Usage | None = None, **extra: Any) -> Response:
+    return head.body("chat.completion.chunk", choices, usage, **extra)
+
+
+@dataclass
+class ParsedCompletion:
+    """A valid completions request, ready for an engine (one SamplingParams for every prompt), and the
+    shape of its answers: the replica's flow is the same for every route, these methods are not."""
+
+    request: CompletionRequest
+    params: SamplingParams
+    prompts: list[str]  # what prompt moderation checks; logged only with log_prompts
+    prompt_ids: list[list[int]]  # each prompt's tokens, as the generation path encodes them
+
+    def head(self, model: str, fingerprint: str) -> Head:
+        """The shared part of this request's answer, with a new id."""
+        return Head(completion_id(), model, fingerprint)
+
+    def response(self, head: Head, texts: list[str], reasons: list[str | None], token_ids: list[list[int]],
+                 usage: Usage) -> Response:
+        """The whole answer: one choice per prompt."""
+        choices = [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        if self.request.return_token_ids:
+            for c, prompt, ids in zip(choices, self.prompt_ids, token_ids, strict=True):
+                c["prompt_token_ids"], c["token_ids"] = prompt, list(ids)
+        return completion_response(head, choices, usage)
+
+    def opening(self, head: Head) -> list[Response]:
+        """The chunks a stream starts with, before any text."""
+        return []
+
+    def chunks(self, head: Head, index: int, text: str, reason: str | None, token_ids: list[int]) -> list[Response]:
+        """The chunks of one delta of choice `index` (`token_ids`: the choice's, complete once `reason` is set)."""
+        c = choice(index, text, reason)
+        if reason is not None and self.request.return_token_ids:
+            c["token_ids"] = list(token_ids)
+        return [completion_response(head, [c], None)]
+
+    def usage_chunk(self, head: Head, usage: Usage) -> Response:
+        """The last chunk with `stream_options.include_usage`: no choices, the usage."""
+        return completion_response(head, [], usage)
+
+
+@dataclass
+class ParsedChat(ParsedCompletion):
+    """A valid chat request: `prompts` holds the one rendered conversation, `prompt_ids` its ids; its answers
+    are `chat.completion` objects and `chat.completion.chunk`s."""
+
+    request: ChatCompletionRequest
+
+    def head(self, model: str, fingerprint: str) -> Head:
+        return Head(completion_id("chatcmpl"), model, fingerprint)
+
+    def _prompt_ids(self) -> dict[str, list[int]]:
+        return {"prompt_token_ids": self.prompt_ids[0]} if self.request.return_token_ids else {}
+
+    def response(self, head: Head, texts: list[str], reasons: list[str | None], token_ids: list[list[int]],
+                 usage: Usage) -> Response:
+        choices = [chat_choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        if self.request.return_token_ids:
+            for c, ids in zip(choices, token_ids, strict=True):
+                c["token_ids"] = list(ids)
+        return chat_response(head, choices, usage, **self._prompt_ids())
+
+    def opening(self, head: Head) -> list[Response]:
+        # as OpenAI streams: the role first, then the content in pieces, then the finish_reason
+        return [chat_chunk(head, [chat_delta(0, {"role": "assistant", "content": ""})], **self._prompt_ids())]
+
+    def chunks(self, head: Head, index: int, text: str, reason: str | None, token_ids: list[int]) -> list[Response]:
+        out = [chat_chunk(head, [chat_delta(index, {"content": text})])] if text else []
+        if reason is not None:
+            last = chat_delta(index, {}, reason)
+            if self.request.return_token_ids:
+                last["token_ids"] = list(token_ids)
+            out.append(chat_chunk(head, [last]))
+        return out
+
+    def usage_chunk(self, head: Head, usage: Usage) -> Response:
+        return chat_chunk(head, [], usage)
 
 
 def model_list(model: str, created: int, context: int, fingerprint: str) -> dict[str, Any]:

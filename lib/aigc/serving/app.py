@@ -13,9 +13,13 @@ Serve itself does the rest: replicas autoscale on ongoing requests, `max_ongoing
 replica's concurrency, and `max_queued_requests` turns overload into a quick 503 at the proxy.
 
 Routes (under the route prefix):
-    POST /v1/completions   OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
-    GET  /v1/models        the one served model
-    GET  /ready            readiness: generates one token through the loaded model
+    POST /v1/completions        OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
+    POST /v1/chat/completions   OpenAI chat, likewise; messages rendered with the model directory's chat
+                                template (aigc.template: the ids training used for the same prompt)
+    GET  /v1/models             the one served model
+    GET  /ready                 readiness: generates one token through the loaded model
+Both POST routes take the same path: key check, parsing into SamplingParams and token ids
+(aigc.serving.api), prompt moderation, the engine, output moderation, then JSON or SSE.
 Metrics (`ray_aigc_*` on Ray's metrics export port): requests, errors, prompt/completion tokens,
 latency and time-to-first-token histograms, batch sizes, queued and running requests.
 """
@@ -25,7 +29,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,14 +48,13 @@ from aigc.raycompat import cluster_address
 from aigc.serving.api import (
     SSE_DONE,
     ApiError,
+    Head,
     ParsedCompletion,
     Usage,
     accepted_keys,
     authorize,
-    choice,
-    completion_id,
-    completion_response,
     model_list,
+    parse_chat,
     parse_completion,
     parse_json_body,
     sse,
@@ -62,10 +65,12 @@ from aigc.serving.args import DEPLOYMENT, DEPLOYMENT_FIELDS, ServeArgs, deployme
 from aigc.serving.engine import BatchingEngine, CompletionEngine
 from aigc.serving.metrics import Metrics
 from aigc.serving.moderation import load_moderator
+from aigc.template import ensure_chat_template
 
 logger = logging.getLogger("ray.serve")
 
 COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
 
 api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -94,11 +99,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 # declared, and a name defined further down would be missing from the copy that runs.
 
 
+# what a POST route parses its body with: parse_completion or parse_chat
+Parser = Callable[..., ParsedCompletion]
+
+
 @dataclass
 class _Call:
-    """One completions request in flight: what it asked for and what it got so far, per prompt."""
+    """One generating request in flight (completions or chat): what it asked for and what it got so
+    far, per prompt."""
 
-    rid: str
+    route: str
+    head: Head
     t0: float
     parsed: ParsedCompletion
     blocked: list[bool]  # the prompt moderation's verdicts
@@ -110,6 +121,10 @@ class _Call:
     def __post_init__(self):
         n = len(self.parsed.prompts)
         self.reasons, self.n_tokens, self.token_ids = [None] * n, [0] * n, [[] for _ in range(n)]
+
+    @property
+    def rid(self) -> str:
+        return self.head.id
 
     @property
     def prompt_tokens(self) -> int:
@@ -190,6 +205,8 @@ class ModelServer:
         dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
         loaded = load_model(expand(self.args.model_dir), device=device, dtype=dtype)
         self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, max_positions(loaded.model)
+        if ensure_chat_template(self.tok):  # a directory exported before templates were saved with it
+            logger.warning("%s has no chat template; chat uses aigc's default (aigc.template)", self.args.model_dir)
         self.fingerprint, self.created = system_fingerprint(loaded.meta), int(time.time())
         self.keys = accepted_keys(self.args)
         self.moderator = load_moderator(self.args.moderation)
@@ -220,16 +237,24 @@ class ModelServer:
 
     @api.post(COMPLETIONS)
     async def completions(self, request: Request):
+        return await self._generate(request, COMPLETIONS, parse_completion)
+
+    @api.post(CHAT)
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, CHAT, parse_chat)
+
+    async def _generate(self, request: Request, route: str, parse: Parser):
+        """Every generating route: key, body, `parse` (the route's own), prompt moderation, then JSON or SSE."""
         t0 = time.perf_counter()
         try:
             authorize(request.headers, self.keys)
             body = parse_json_body(await read_body(request, self.args.limits.max_body_bytes))
-            parsed = parse_completion(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
+            parsed = parse(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
         except ApiError as e:
-            self.metrics.record(COMPLETIONS, e.status, time.perf_counter() - t0, e.type)
+            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
             return error_response(e)
         blocked = [self.moderator.check(t, "prompt") is not None for t in parsed.prompts]
-        call = _Call(completion_id(), t0, parsed, blocked)
+        call = _Call(route, parsed.head(self.name, self.fingerprint), t0, parsed, blocked)
         self.metrics.prompt_tokens.inc(call.prompt_tokens)  # > 0: empty prompts are rejected
         if not parsed.request.stream:
             return await self._complete_json(call)
@@ -247,27 +272,24 @@ class ModelServer:
             logger.exception("%s failed", call.rid)
             self._finish(call, 500, "server_error")
             return error_response(_generation_failed())
-        choices = [choice(i, "".join(p), call.reasons[i]) for i, p in enumerate(parts)]
-        if call.parsed.request.return_token_ids:
-            for c, prompt_ids, ids in zip(choices, call.parsed.prompt_ids, call.token_ids, strict=True):
-                c["prompt_token_ids"], c["token_ids"] = prompt_ids, list(ids)
+        texts = ["".join(p) for p in parts]
         if self.args.log_prompts:
-            logger.info("%s output=%r", call.rid, [c["text"] for c in choices])
+            logger.info("%s output=%r", call.rid, texts)
         self._finish(call, 200)
-        return JSONResponse(completion_response(call.rid, self.name, self.fingerprint, choices, call.usage()))
+        return JSONResponse(call.parsed.response(call.head, texts, call.reasons, call.token_ids, call.usage()))
 
     async def _complete_sse(self, call: _Call) -> AsyncIterator[str]:
-        code, error = 200, None
+        code, error, parsed = 200, None, call.parsed
         try:
+            for chunk in parsed.opening(call.head):
+                yield sse(chunk)
             async with aclosing(self._choices(call)) as merged:
                 async for index, text, reason in merged:
                     call.took(index, text, reason)
-                    c = choice(index, text, reason)
-                    if reason is not None and call.parsed.request.return_token_ids:
-                        c["token_ids"] = list(call.token_ids[index])
-                    yield sse(completion_response(call.rid, self.name, self.fingerprint, [c], None))
-            if call.parsed.request.stream_options and call.parsed.request.stream_options.include_usage:
-                yield sse(completion_response(call.rid, self.name, self.fingerprint, [], call.usage()))
+                    for chunk in parsed.chunks(call.head, index, text, reason, call.token_ids[index]):
+                        yield sse(chunk)
+            if parsed.request.stream_options and parsed.request.stream_options.include_usage:
+                yield sse(parsed.usage_chunk(call.head, call.usage()))
         except asyncio.CancelledError:
             code, error = 499, "cancelled"  # the client went away
             raise
@@ -282,7 +304,7 @@ class ModelServer:
     def _finish(self, call: _Call, code: int, error: str | None = None) -> None:
         """Metrics and the request's one log line (counts and timings; text only with log_prompts)."""
         seconds = time.perf_counter() - call.t0
-        self.metrics.record(COMPLETIONS, code, seconds, error)
+        self.metrics.record(call.route, code, seconds, error)
         done = call.usage()["completion_tokens"]
         if done:  # a Ray counter refuses inc(0)
             self.metrics.completion_tokens.inc(done)
@@ -402,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {args.served_name!r} at {url}/v1  (the OpenAI client's base_url)")
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{args.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'")
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"       -d '{{\"model\": \"{args.served_name}\", \"messages\": [{{\"role\": \"user\", "
+          f"\"content\": \"Write an ad for running shoes\"}}], \"max_tokens\": 32}}'")
     if not (ns.blocking or owned):
         print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
         return 0

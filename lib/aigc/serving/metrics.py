@@ -12,7 +12,7 @@ class Metrics:
     def __init__(self):
         self.requests = Counter("aigc_requests", "HTTP requests by route and status", tag_keys=("route", "code"))
         self.errors = Counter("aigc_errors", "requests answered with an error, by type", tag_keys=("route", "type"))
-        self.prompt_tokens = Counter("aigc_prompt_tokens", "prompt tokens of completion requests")
+        self.prompt_tokens = Counter("aigc_prompt_tokens", "prompt tokens of completions and chat requests")
         self.completion_tokens = Counter("aigc_completion_tokens", "generated tokens")
         self.latency = Histogram(
             "aigc_request_latency_s", "request latency by route", boundaries=self.LATENCY_S, tag_keys=("route",)
