@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from openai import APIConnectionError, APIStatusError, InternalServerError, OpenAI
 from pydantic import Field
 
 from aigc import console
-from aigc.config import ConfigError, Strict
+from aigc.config import ConfigError, DataConfig, Strict
+from aigc.data import ensure_embedded_corpus
 from aigc.search_config import SearchConfig
 from aigc.serving.args import parse_args
+from aigc.taskmetrics import fidelity, is_embedded_task, parse_ad
 
 WINNER_PLACEHOLDER = "<winner>"
 
@@ -20,14 +25,17 @@ class DeployConfig(Strict):
     """How the winner is served once the search is done."""
 
     app_name: str = Field("aigc", description="Serve application name; deploying again updates it in place")
-    route_prefix: str = Field("/", pattern=r"^/")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the app (its /v1 lives under it)")
     host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
     args: dict[str, Any] = Field(
         default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus"
     )
-    smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1)
-    smoke_max_tokens: int = Field(32, ge=1)
+    smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1,
+                                     description="prompts sent to /v1/completions after deploying (data.format text)")
+    smoke_examples: int = Field(3, ge=1, le=50, description="test-split prompts (task formats) sent after deploying: "
+                                "chat rows to /v1/chat/completions, prompt_completion rows to /v1/completions")
+    smoke_max_tokens: int = Field(96, ge=1, description="max_tokens of each smoke request (an embedded ad is <= 90)")
     ready_timeout_s: float = Field(300.0, gt=0, description="how long the app may take to become healthy")
     keep_serving: bool = Field(False, description="stay in the foreground serving until Ctrl-C (local Ray dies with us)")
 
@@ -70,28 +78,68 @@ def deploy(winner_dir: str, d: DeployConfig) -> str:
     return f"http://{host}:{d.port}{d.route_prefix.rstrip('/')}"
 
 
-def smoke(url: str, d: DeployConfig, model: str, api_key: str | None = None) -> list[dict[str, str]]:
-    """One real HTTP completion per prompt, retried until the app answers or `ready_timeout_s` passes."""
-    import requests
+def smoke_requests(data: DataConfig, d: DeployConfig) -> list[dict[str, Any]]:
+    """What the smoke step sends: test-split conversations (chat) or prompts (prompt_completion), else the
+    configured text prompts. Each is {"route", "prompt" (what a person reads), and "messages" or "text"}."""
+    if data.format == "text":
+        return [{"route": "completions", "prompt": p, "text": p} for p in d.smoke_prompts]
+    path = ensure_embedded_corpus(data)["test"] if data.source == "embedded" else (data.test_files or data.train_files)[0]
+    out = []
+    with open(os.path.expanduser(path)) as f:
+        for line in f:
+            if len(out) == d.smoke_examples:
+                break
+            row = json.loads(line)
+            if data.format == "chat":
+                turns = row[data.messages_column]
+                messages = turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
+                out.append({"route": "chat", "prompt": messages[-1]["content"], "messages": messages})
+            else:
+                out.append({"route": "completions", "prompt": row[data.prompt_column] + data.prompt_suffix,
+                            "text": row[data.prompt_column] + data.prompt_suffix})
+    return out
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+def smoke(url: str, d: DeployConfig, model: str, requests: list[dict[str, Any]],
+          api_key: str | None = None) -> list[dict[str, Any]]:
+    """One real request per item through the official OpenAI client (greedy), retried until the app answers
+    or `ready_timeout_s` passes. On embedded briefs each answer is scored: valid ad, faithful to its brief."""
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0, timeout=60)
+    scored = is_embedded_task([r["prompt"] for r in requests])
     out, deadline = [], time.time() + d.ready_timeout_s
-    for prompt in d.smoke_prompts:
+    for r in requests:
         while True:
             try:
-                r = requests.post(f"{url}/v1/completions", headers=headers, timeout=60,
-                                  json={"model": model, "prompt": prompt, "max_tokens": d.smoke_max_tokens,
-                                        "temperature": 0.7, "seed": 0})
-                if r.status_code == 200:
-                    out.append({"prompt": prompt, "completion": r.json()["choices"][0]["text"]})
-                    break
-                if r.status_code < 500 or time.time() > deadline:
-                    raise RuntimeError(f"{url}/v1/completions answered {r.status_code}: {r.text[:300]}")
-            except requests.ConnectionError:
+                if r["route"] == "chat":
+                    res = client.chat.completions.create(model=model, messages=r["messages"], temperature=0,
+                                                         max_tokens=d.smoke_max_tokens, seed=0)
+                    text = res.choices[0].message.content or ""
+                else:
+                    text = client.completions.create(model=model, prompt=r["text"], temperature=0,
+                                                     max_tokens=d.smoke_max_tokens, seed=0).choices[0].text
+                break
+            except (APIConnectionError, InternalServerError):  # not up yet, or the proxy has no replica yet
                 if time.time() > deadline:
                     raise
+            except APIStatusError as e:
+                if e.status_code < 500 or time.time() > deadline:
+                    raise RuntimeError(f"{url}/v1 answered {e.status_code}: {str(e)[:300]}") from None
             time.sleep(1.0)
+        g = {"prompt": r["prompt"], "completion": text}
+        if scored:
+            g.update(valid=parse_ad(text) is not None, faithful=fidelity(r["prompt"], text))
+        out.append(g)
     return out
+
+
+def print_smoke(generations: list[dict[str, Any]]) -> None:
+    for g in generations:
+        if "valid" in g:
+            verdict = ("valid" if g["valid"] else "INVALID") + (", faithful" if g["faithful"] else ", NOT faithful")
+            print(f"[aigc] brief: {' | '.join(g['prompt'].strip().splitlines())}", flush=True)
+            print(f"[aigc]    ad: {g['completion'].strip()!r}  ({verdict})", flush=True)
+        else:
+            print(f"[aigc] {g['prompt']!r} -> {g['completion']!r}", flush=True)
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -107,11 +155,16 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     url = deploy(result.winner_dir, cfg.deploy)
     served = parse_args({**cfg.deploy.args, "model_dir": result.winner_dir})
     key = served.api_keys[0] if served.api_keys else None
-    generations = smoke(url, cfg.deploy, served.served_name, key)
+    generations = smoke(url, cfg.deploy, served.served_name, smoke_requests(cfg.base.data, cfg.deploy), key)
     print(f"[aigc] endpoint: {url}/v1  (OpenAI base_url; model {served.served_name!r})", flush=True)
-    print(f"[aigc] try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{served.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'",
-          flush=True)
-    for g in generations:
-        print(f"[aigc] {g['prompt']!r} -> {g['completion']!r}", flush=True)
+    if cfg.base.data.format == "chat":
+        body = {"model": served.served_name, "max_tokens": 96,
+                "messages": [{"role": "user", "content": generations[0]["prompt"]}]}
+        print(f"[aigc] try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+              flush=True)
+    else:
+        print(f"[aigc] try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{served.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'",
+              flush=True)
+    print_smoke(generations)
     return PipelineResult(result.report["report.html"], result.winner_dir, url, generations)

@@ -10,7 +10,7 @@ a random GPT-2 and a tokenizer trained on the corpus), on the settings of `model
 
     <fingerprint>/             the base: a verified model directory (aigc.json role "pretrained-base")
     <fingerprint>.lock         held (flock) by whoever builds it; a concurrent build waits, then reuses
-    .build/<fingerprint>/      the pre-training run while it trains; a crashed build resumes from it
+    .build/base-<fp[:12]>/     the pre-training run while it trains; a crashed build resumes from it
     .<fingerprint>.tmp-*       a copy being moved into place (a crash leaves it; the next build removes it)
 
 The fingerprint hashes what changes the weights (recipe, architecture, corpus, optimisation, validation),
@@ -90,8 +90,8 @@ def pretrain_config(cfg: FinetuneConfig) -> FinetuneConfig:
     evaluation or samples. It trains on `cfg.scaling` (GPUs when the task uses them) with
     `model.pretrain.num_workers` workers."""
     p = cfg.model.pretrain
-    run = RunConfig(name=base_fingerprint(p), storage_path=str(base_cache_dir(cfg) / BUILD_DIR), evaluate=False,
-                    samples=0, torch_extensions_dir=cfg.run.torch_extensions_dir, base_cache=cfg.run.base_cache)
+    run = RunConfig(name=f"base-{base_fingerprint(p)[:12]}", storage_path=str(base_cache_dir(cfg) / BUILD_DIR),
+                    evaluate=False, samples=0, torch_extensions_dir=cfg.run.torch_extensions_dir, base_cache=cfg.run.base_cache)
     return _pretrain_run(p, run, cfg.scaling)
 
 

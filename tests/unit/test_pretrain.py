@@ -77,7 +77,7 @@ def test_pretrain_config_is_a_plain_text_run_from_random_init(tmp_path):
     assert (p.run.evaluate, p.run.samples) == (False, 0)
     assert p.scaling.num_workers * p.optim.micro_batch_size * p.optim.grad_accum == 32  # the global batch
     assert p.scaling.cpus_per_worker == 0.5  # the task's placement, the recipe's worker count
-    assert Path(p.run.storage_path).parent == tmp_path and p.run.name == base_fingerprint(cfg.model.pretrain)
+    assert Path(p.run.storage_path).parent == tmp_path and p.run.name == f"base-{base_fingerprint(cfg.model.pretrain)[:12]}"
 
 
 def test_builds_once_then_reuses(tmp_path, tiny_model_dir, capsys):
