@@ -148,10 +148,7 @@ def pretrain(argv: list[str] | None = None, prog: str | None = None, doc: str | 
     done = config_job(argv, FinetuneConfig, run, prog=prog, description=doc or inspect.getdoc(pretrain),
                       config_help_text="YAML config whose model.pretrain and run.base_cache say which base",
                       example="model.pretrain.max_steps=1000")
-    if done is None:
-        return 2
-    print(f"[aigc] embedded base: {done[1]}")
-    return 0
+    return 2 if done is None else 0  # aigc.pretrain prints where the base is
 
 
 def search(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
