@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from aigc.config import DataConfig
-from aigc.data import (
+from aigc.splits import (
     PII_KINDS,
     SPLITS,
     DataError,
