@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import datasets
 import numpy as np
+import ray.train
+import torch
 
 from aigc.config import DataConfig
+from aigc.pii import scrub_batch
 from aigc.splits import (
     PII_KINDS,
     SPLITS,
@@ -35,8 +39,6 @@ MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 def _load_file(path: str, column: str) -> Any:
     """One local file as a single-column (`text`) Dataset, with every check that names the file."""
-    import datasets
-
     p, fmt = check_file(path)
     try:
         ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
@@ -47,8 +49,6 @@ def _load_file(path: str, column: str) -> Any:
 
 
 def _text_column(ds: Any, column: str, where: str) -> Any:
-    import datasets
-
     if column not in ds.column_names:
         raise DataError(f"{where}: no column {column!r} (data.text_column); columns are {ds.column_names}")
     feature = ds.features[column]
@@ -69,8 +69,6 @@ def _text_column(ds: Any, column: str, where: str) -> Any:
 
 
 def _concat(paths: list[str], column: str) -> Any:
-    import datasets
-
     return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
 
 
@@ -80,8 +78,6 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.format != "text":
         return load_task_splits(cfg)
     if cfg.source == "hub":
-        import datasets
-
         try:
             dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
         except Exception as e:
@@ -141,8 +137,6 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
         texts = [str(t) for t in batch["text"]]
         counts: dict[str, int] = {}
         if scrub_pii:
-            from aigc.pii import scrub_batch
-
             texts, counter = scrub_batch(texts)
             counts = dict(counter)
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -205,9 +199,7 @@ def shard_datasets(packed: PackedData, world_size: int, names: tuple[str, ...] =
 
 def make_data_config() -> Any:
     """Every worker reads only the shard named after its rank, so Ray must not split anything again."""
-    from ray.train import DataConfig as RayDataConfig
-
-    return RayDataConfig(datasets_to_split=[])
+    return ray.train.DataConfig(datasets_to_split=[])
 
 
 # ----------------------------------------------------------------------------------- batches -> model
@@ -221,8 +213,6 @@ def train_batches(shard: Any, micro_batch: int, seed: int, bucket: bool) -> Iter
     windows of BUCKET_WINDOW micro-batches are sorted by length, cut into micro-batches, and those visited in
     a seeded random order, so each batch holds similar lengths and `model_inputs` trims it to its longest.
     Each window drops its last partial micro-batch (equal shards: every rank runs the same number)."""
-    import torch
-
     shuffle = {"local_shuffle_buffer_size": max(4 * micro_batch, 64), "local_shuffle_seed": seed}
     if not bucket:
         yield from shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, dtypes=torch.long, **shuffle)

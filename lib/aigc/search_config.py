@@ -7,6 +7,7 @@ before Ray is imported. `aigc.search` runs it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,6 @@ def total_trials(cfg: SearchConfig) -> int:
 def check_algorithm(cfg: SearchConfig) -> None:
     """A ConfigError when the algorithm needs a package that is not installed."""
     if cfg.search.algorithm == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("optuna") is None:  # looked for, not imported: this module stays light
             raise ConfigError(["search.algorithm: 'optuna' needs the optional extra: pip install 'aigc[optuna]' "
-                               "(or optuna>=4)"], "search config") from None
+                               "(or optuna>=4)"], "search config")
