@@ -7,8 +7,8 @@ The grammar (see `aigc.grammar`) first draws a product brief, then an ad for it:
   words, and which names the product once and states the offer once, in one of its kind's phrasings.
 
 Every brief choice is spelled out by the ad and the grammar is unambiguous, so the ad alone determines
-its brief: p(ad) = p(brief) * p(ad | brief). The plain corpus (`generate`, `write_corpus`) is the marginal
-over ads, the pre-training text; the task (`generate_task`, `write_task_corpus`) pairs each ad with its
+its brief: p(ad) = p(brief) * p(ad | brief). The plain corpus (`sample_ads`, `write_corpus`) is the marginal
+over ads, the pre-training text; the task (`sample_task_rows`, `write_task_corpus`) pairs each ad with its
 brief, and its rows carry the exact ``-ln p(ad | brief)``, the floor of a model's completion loss.
 
 The brief text (a prompt's user turn), fields in this order, one per line, no trailing newline::
@@ -194,10 +194,10 @@ def brief_entropy() -> float:
     return DEFAULT_GRAMMAR.choice_entropy(slots)
 
 
-# ---------------------------------------------------------------------------------------- generation
+# ------------------------------------------------------------------------------------------ sampling
 
 
-def generate(n: int, seed: int) -> list[dict]:
+def sample_ads(n: int, seed: int) -> list[dict]:
     """``n`` documents as ``{"text", "nats"}`` (nats = -log P(text), exact); the same seed gives the same list."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -209,7 +209,7 @@ def generate(n: int, seed: int) -> list[dict]:
     return docs
 
 
-def generate_task(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
+def sample_task_rows(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
     """``n`` task rows: a brief drawn from the prior and an ad for it, with ``nats`` = -ln p(ad | brief), exact.
 
     A row is OpenAI chat fine-tuning JSONL plus the brief's fields and the floor::
@@ -287,7 +287,7 @@ def write_corpus(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "validation": n_validation, "test": n_test}
-    paths = {split: _write_jsonl(out / f"{split}.jsonl", generate(n, _split_seed(seed, split)))
+    paths = {split: _write_jsonl(out / f"{split}.jsonl", sample_ads(n, _split_seed(seed, split)))
              for split, n in counts.items()}
     meta = {"entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(), "seed": seed, "counts": counts,
             "grammar": DEFAULT_GRAMMAR.fingerprint()}
@@ -302,7 +302,7 @@ def write_task_corpus(
     n_test: int = 400,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `generate_task`) and ``task.json``.
+    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `sample_task_rows`) and ``task.json``.
 
     No validation brief occurs in train and no test brief in train or validation, so the test measures
     ads for unseen briefs; ``task.json`` records the counts of shared briefs (zero), the seed and the
@@ -315,7 +315,7 @@ def write_task_corpus(
     briefs: dict[str, set[tuple[str, ...]]] = {}
     paths: dict[str, str] = {}
     for split, n in counts.items():
-        rows = generate_task(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
+        rows = sample_task_rows(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
         briefs[split] = {_brief_key(r["brief"]) for r in rows}
         seen |= briefs[split]
         # each row also carries its prompt/completion form, so one file serves data.format chat and prompt_completion
