@@ -19,6 +19,9 @@ The brief text (a prompt's user turn), fields in this order, one per line, no tr
     Tone: playful
 
 Offers are ``{pct}% off``, ``${amount} off orders over ${threshold}`` or ``buy one, get one {free|half off}``.
+
+`ensure_embedded_corpus` writes the files once into the user's cache for ``data.source: embedded``; like the
+rest of this module it needs no Ray and no torch.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from aigc.adwords import BRANDS, CATEGORIES, TONES
+from aigc.config import DataConfig
 from aigc.grammar import Choice, Grammar
+
+SPLITS = ("train", "validation", "test")  # the splits written here, and the ones every loader reads
 
 
 def _uniform(items: Iterable[str]) -> list[tuple[float, str]]:
@@ -332,4 +338,27 @@ def write_task_corpus(
         "conditional_entropy_nats_per_ad": h_ad - h_brief,
     }
     _write_atomic(out / "task.json", json.dumps(meta, indent=2) + "\n")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def embedded_corpus_dir(cfg: DataConfig) -> Path:
+    """The embedded corpus is generated once per (grammar, kind, seed, sizes) into the user's cache and then read
+    as files. `data.format` picks the kind: plain ads for `text` (pre-training), brief -> ad rows otherwise."""
+    e = cfg.embedded
+    kind = "ads" if cfg.format == "text" else "task"
+    root = Path(os.path.expanduser("~/.cache/aigc/corpus"))
+    return root / f"{kind}-{DEFAULT_GRAMMAR.fingerprint()}-seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
+
+
+def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
+    """split -> path of the embedded corpus's jsonl file, written first if this cache does not hold it yet."""
+    out = embedded_corpus_dir(cfg)
+    paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        e = cfg.embedded
+        write = write_corpus if cfg.format == "text" else write_task_corpus
+        paths = write(out, n_train=e.n_train, n_validation=e.n_validation, n_test=e.n_test, seed=e.seed)
     return paths

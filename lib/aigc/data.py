@@ -18,18 +18,9 @@ import ray.train
 import torch
 
 from aigc.config import DataConfig
+from aigc.corpus import SPLITS, ensure_embedded_corpus
 from aigc.pii import scrub_batch
-from aigc.splits import (
-    PII_KINDS,
-    SPLITS,
-    DataError,
-    PackedData,
-    Splits,
-    carve,
-    check_file,
-    ensure_embedded_corpus,
-    to_ray,
-)
+from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
 from aigc.taskdata import load_task_splits, task_blocks
 
 # What a row may feed the model: text blocks and padded task examples carry an attention mask, packed task

@@ -1,6 +1,6 @@
-"""What the text and task loaders share: the split names, `DataError`, the `Splits` and `PackedData`
-containers, the file checks, the embedded corpus on disk, carving splits by ratio, and handing a validated
-dataset to Ray Data.
+"""What the text and task loaders share: `DataError`, the `Splits` and `PackedData` containers, the file
+checks, carving splits by ratio, and handing a validated dataset to Ray Data. (The split names and the
+embedded corpus's files are `aigc.corpus`'s, which needs no Ray.)
 
 `aigc.data` loads and packs plain text and `aigc.taskdata` the task formats; both build on this module, and
 `aigc.data` hands a task format over to `aigc.taskdata`.
@@ -8,17 +8,12 @@ dataset to Ray Data.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray.data
 
-from aigc.config import DataConfig
-from aigc.corpus import DEFAULT_GRAMMAR, write_corpus, write_task_corpus
-
-SPLITS = ("train", "validation", "test")
 PII_KINDS = ("email", "phone", "card", "national_id")
 # file suffix -> `datasets` builder
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -56,26 +51,6 @@ class PackedData:
     def loss_fraction(self) -> dict[str, float]:
         """Per split, the fraction of tokens that carry loss (1.0 minus the first token for text)."""
         return {s: round(self.loss_tokens[s] / max(self.tokens[s], 1), 4) for s in self.loss_tokens}
-
-
-def embedded_corpus_dir(cfg: DataConfig) -> Path:
-    """The embedded corpus is generated once per (grammar, kind, seed, sizes) into the user's cache and then read
-    as files. `data.format` picks the kind: plain ads for `text` (pre-training), brief -> ad rows otherwise."""
-    e = cfg.embedded
-    kind = "ads" if cfg.format == "text" else "task"
-    root = Path(os.path.expanduser("~/.cache/aigc/corpus"))
-    return root / f"{kind}-{DEFAULT_GRAMMAR.fingerprint()}-seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
-
-
-def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
-    """split -> path of the embedded corpus's jsonl file, written first if this cache does not hold it yet."""
-    out = embedded_corpus_dir(cfg)
-    paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}
-    if not all(os.path.isfile(p) for p in paths.values()):
-        e = cfg.embedded
-        write = write_corpus if cfg.format == "text" else write_task_corpus
-        paths = write(out, n_train=e.n_train, n_validation=e.n_validation, n_test=e.n_test, seed=e.seed)
-    return paths
 
 
 def check_file(path: str) -> tuple[Path, str]:

@@ -26,18 +26,9 @@ import datasets
 import numpy as np
 
 from aigc.config import DataConfig
+from aigc.corpus import SPLITS, ensure_embedded_corpus
 from aigc.pii import scrub_batch
-from aigc.splits import (
-    PII_KINDS,
-    SPLITS,
-    DataError,
-    PackedData,
-    Splits,
-    carve,
-    check_file,
-    ensure_embedded_corpus,
-    to_ray,
-)
+from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
 from aigc.template import ROLES, Segment, TemplateError, chat_segments, encode_segments
 
 MAX_LISTED = 10  # problems listed in one DataError; the rest are counted
