@@ -31,11 +31,11 @@ PROMPTS = ["Introducing the", "Save big on", "Our new", "Limited time:", "Discov
 def tiny_model_dir(out: str) -> str:
     """The embedded default: tokenizer trained on the generated corpus, tiny random GPT-2 (as in the tests)."""
     from aigc.config import TinyArch
-    from aigc.corpus import generate
+    from aigc.corpus import sample_ads
     from aigc.modeldir import save_model_dir
     from aigc.modeling import build_tiny_gpt2, train_tokenizer
 
-    texts = [d["text"] for d in generate(300, seed=1)]
+    texts = [d["text"] for d in sample_ads(300, seed=1)]
     tok = train_tokenizer(texts, vocab_size=300)
     arch = TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300)
     model = build_tiny_gpt2(arch, len(tok), 128, tok.eos_token_id)

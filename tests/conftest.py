@@ -69,11 +69,11 @@ def _no_leaked_process_group():
 def tiny_model_dir(tmp_path_factory):
     """An exported aigc model directory: tokenizer trained on the embedded corpus, tiny random GPT-2."""
     from aigc.config import TinyArch
-    from aigc.corpus import generate
+    from aigc.corpus import sample_ads
     from aigc.modeldir import save_model_dir
     from aigc.modeling import build_tiny_gpt2, train_tokenizer
 
-    texts = [d["text"] for d in generate(300, seed=1)]
+    texts = [d["text"] for d in sample_ads(300, seed=1)]
     tok = train_tokenizer(texts, vocab_size=300)
     model = build_tiny_gpt2(TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300), len(tok), 128, tok.eos_token_id)
     out = tmp_path_factory.mktemp("models") / "tiny"

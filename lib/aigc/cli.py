@@ -30,6 +30,7 @@ from pydantic_core import PydanticUndefined
 
 from aigc import console
 from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
+from aigc.pipeline_config import PipelineConfig
 from aigc.search_config import SearchConfig
 
 # The one allowed exception to "imports at the top": each verb imports its heavy modules (Ray, torch,
@@ -196,7 +197,10 @@ def pipeline(argv: list[str] | None = None, prog: str | None = None, doc: str | 
     On a cluster the Serve app outlives the job; a local in-process run takes its Ray (and the app) down
     when it ends unless deploy.keep_serving=true.
     """
-    from aigc.pipeline import PipelineConfig, run_pipeline
+    def run_pipeline(cfg: PipelineConfig) -> Any:
+        from aigc.pipeline import run_pipeline as run  # Ray, Serve, torch: only once the config is known good
+
+        return run(cfg)
 
     done = config_job(argv, PipelineConfig, run_pipeline, prog=prog, description=doc or inspect.getdoc(pipeline),
                       config_help_text="pipeline YAML: a search config plus a deploy section",

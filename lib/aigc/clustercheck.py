@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import ray
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
 from aigc import raycompat
 from aigc.config import ConfigError, FinetuneConfig, build, load_config, read_yaml
 from aigc.placement import (
@@ -43,13 +48,17 @@ from aigc.placement import (
 from aigc.search_config import SearchConfig, total_trials
 from aigc.serving.args import deployment_options, parse_args
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 # ports a client may reach only through an SSH tunnel: GCS, Ray client, dashboard + job server, Serve
 PRIVATE_PORTS = {6379: "GCS", 10001: "Ray client", 8265: "dashboard/job server", 8000: "Serve HTTP"}
 
 
 def ray_schema_path() -> Path:
-    import ray
-
+    """The JSON schema of cluster.yaml that the installed Ray ships."""
     return Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 
@@ -58,8 +67,6 @@ def ray_schema_path() -> Path:
 
 def schema_problems(cluster: Mapping[str, Any]) -> list[str]:
     """Every violation of Ray's cluster schema, named by its path, then what `ray up` checks offline."""
-    import jsonschema
-
     schema = json.loads(ray_schema_path().read_text())
     validator = jsonschema.Draft7Validator(schema)
     out = []
@@ -113,18 +120,12 @@ def images(cluster: Mapping[str, Any]) -> list[Image]:
 
 
 def read_pyproject(path: str | Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    """pyproject.toml as a dict."""
     return tomllib.loads(Path(path).read_text())
 
 
 def version_problems(cluster: Mapping[str, Any], pyproject: str | Path = "pyproject.toml") -> list[str]:
     """The images' Ray version must satisfy pyproject's `ray` requirement and their Python `requires-python`."""
-    from packaging.requirements import Requirement
-    from packaging.specifiers import SpecifierSet
-
     project = read_pyproject(pyproject)["project"]
     ray_req = next((Requirement(d) for d in project.get("dependencies", []) if Requirement(d).name == "ray"), None)
     py_spec = SpecifierSet(project.get("requires-python", ""))

@@ -7,8 +7,8 @@ The grammar (see `aigc.grammar`) first draws a product brief, then an ad for it:
   words, and which names the product once and states the offer once, in one of its kind's phrasings.
 
 Every brief choice is spelled out by the ad and the grammar is unambiguous, so the ad alone determines
-its brief: p(ad) = p(brief) * p(ad | brief). The plain corpus (`generate`, `write_corpus`) is the marginal
-over ads, the pre-training text; the task (`generate_task`, `write_task_corpus`) pairs each ad with its
+its brief: p(ad) = p(brief) * p(ad | brief). The plain corpus (`sample_ads`, `write_corpus`) is the marginal
+over ads, the pre-training text; the task (`sample_task_rows`, `write_task_corpus`) pairs each ad with its
 brief, and its rows carry the exact ``-ln p(ad | brief)``, the floor of a model's completion loss.
 
 The brief text (a prompt's user turn), fields in this order, one per line, no trailing newline::
@@ -19,6 +19,9 @@ The brief text (a prompt's user turn), fields in this order, one per line, no tr
     Tone: playful
 
 Offers are ``{pct}% off``, ``${amount} off orders over ${threshold}`` or ``buy one, get one {free|half off}``.
+
+`ensure_embedded_corpus` writes the files once into the user's cache for ``data.source: embedded``; like the
+rest of this module it needs no Ray and no torch.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from aigc.adwords import BRANDS, CATEGORIES, TONES
+from aigc.config import DataConfig
 from aigc.grammar import Choice, Grammar
+
+SPLITS = ("train", "validation", "test")  # the splits written here, and the ones every loader reads
 
 
 def _uniform(items: Iterable[str]) -> list[tuple[float, str]]:
@@ -194,10 +200,10 @@ def brief_entropy() -> float:
     return DEFAULT_GRAMMAR.choice_entropy(slots)
 
 
-# ---------------------------------------------------------------------------------------- generation
+# ------------------------------------------------------------------------------------------ sampling
 
 
-def generate(n: int, seed: int) -> list[dict]:
+def sample_ads(n: int, seed: int) -> list[dict]:
     """``n`` documents as ``{"text", "nats"}`` (nats = -log P(text), exact); the same seed gives the same list."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -209,7 +215,7 @@ def generate(n: int, seed: int) -> list[dict]:
     return docs
 
 
-def generate_task(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
+def sample_task_rows(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
     """``n`` task rows: a brief drawn from the prior and an ad for it, with ``nats`` = -ln p(ad | brief), exact.
 
     A row is OpenAI chat fine-tuning JSONL plus the brief's fields and the floor::
@@ -287,7 +293,7 @@ def write_corpus(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "validation": n_validation, "test": n_test}
-    paths = {split: _write_jsonl(out / f"{split}.jsonl", generate(n, _split_seed(seed, split)))
+    paths = {split: _write_jsonl(out / f"{split}.jsonl", sample_ads(n, _split_seed(seed, split)))
              for split, n in counts.items()}
     meta = {"entropy_nats_per_doc": DEFAULT_GRAMMAR.entropy(), "seed": seed, "counts": counts,
             "grammar": DEFAULT_GRAMMAR.fingerprint()}
@@ -302,7 +308,7 @@ def write_task_corpus(
     n_test: int = 400,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `generate_task`) and ``task.json``.
+    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `sample_task_rows`) and ``task.json``.
 
     No validation brief occurs in train and no test brief in train or validation, so the test measures
     ads for unseen briefs; ``task.json`` records the counts of shared briefs (zero), the seed and the
@@ -315,7 +321,7 @@ def write_task_corpus(
     briefs: dict[str, set[tuple[str, ...]]] = {}
     paths: dict[str, str] = {}
     for split, n in counts.items():
-        rows = generate_task(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
+        rows = sample_task_rows(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
         briefs[split] = {_brief_key(r["brief"]) for r in rows}
         seen |= briefs[split]
         # each row also carries its prompt/completion form, so one file serves data.format chat and prompt_completion
@@ -332,4 +338,27 @@ def write_task_corpus(
         "conditional_entropy_nats_per_ad": h_ad - h_brief,
     }
     _write_atomic(out / "task.json", json.dumps(meta, indent=2) + "\n")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def embedded_corpus_dir(cfg: DataConfig) -> Path:
+    """The embedded corpus is generated once per (grammar, kind, seed, sizes) into the user's cache and then read
+    as files. `data.format` picks the kind: plain ads for `text` (pre-training), brief -> ad rows otherwise."""
+    e = cfg.embedded
+    kind = "ads" if cfg.format == "text" else "task"
+    root = Path(os.path.expanduser("~/.cache/aigc/corpus"))
+    return root / f"{kind}-{DEFAULT_GRAMMAR.fingerprint()}-seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
+
+
+def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
+    """split -> path of the embedded corpus's jsonl file, written first if this cache does not hold it yet."""
+    out = embedded_corpus_dir(cfg)
+    paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        e = cfg.embedded
+        write = write_corpus if cfg.format == "text" else write_task_corpus
+        paths = write(out, n_train=e.n_train, n_validation=e.n_validation, n_test=e.n_test, seed=e.seed)
     return paths

@@ -3,86 +3,33 @@ distributed map; each Train worker reads a disjoint, deterministic shard.
 
 Errors about the data (missing or empty file, wrong column, non-text values, too little text) are raised
 here, on the driver, before any worker starts, and name the file and the column. The task formats
-(`data.format` prompt_completion and chat) are loaded, masked and packed by `aigc.taskdata`, which builds on
-this module; `load_splits` and `to_ray_blocks` hand them over.
+(`data.format` prompt_completion and chat) are loaded, masked and packed by `aigc.taskdata`; `load_splits` and
+`to_ray_blocks` hand them over. What both share (`DataError`, `Splits`, `PackedData`, ...) is `aigc.splits`'s.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import ray.train
+import torch
 
 from aigc.config import DataConfig
-from aigc.corpus import DEFAULT_GRAMMAR, write_corpus, write_task_corpus
+from aigc.corpus import SPLITS, ensure_embedded_corpus
+from aigc.pii import scrub_batch
+from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
+from aigc.taskdata import load_task_splits, task_blocks
 
-SPLITS = ("train", "validation", "test")
 # What a row may feed the model: text blocks and padded task examples carry an attention mask, packed task
 # blocks position ids that restart per example (and no mask; see aigc.taskdata). `model_inputs` picks them.
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
-PII_KINDS = ("email", "phone", "card", "national_id")
-# file suffix -> `datasets` builder
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file (or dataset) and the column."""
-
-
-@dataclass
-class Splits:
-    """Validated train/validation/test data as `datasets.Dataset`s: one column `text`, or for the task formats
-    `prompt` and `completion` (or `messages`, as JSON) and `source` (file and line, for messages)."""
-
-    train: Any
-    validation: Any
-    test: Any
-    origin: dict[str, str] = field(default_factory=dict)  # split -> where it came from, for messages
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-
-def embedded_corpus_dir(cfg: DataConfig) -> Path:
-    """The embedded corpus is generated once per (grammar, kind, seed, sizes) into the user's cache and then read
-    as files. `data.format` picks the kind: plain ads for `text` (pre-training), brief -> ad rows otherwise."""
-    e = cfg.embedded
-    kind = "ads" if cfg.format == "text" else "task"
-    root = Path(os.path.expanduser("~/.cache/aigc/corpus"))
-    return root / f"{kind}-{DEFAULT_GRAMMAR.fingerprint()}-seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
-
-
-def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
-    out = embedded_corpus_dir(cfg)
-    paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}
-    if not all(os.path.isfile(p) for p in paths.values()):
-        e = cfg.embedded
-        write = write_corpus if cfg.format == "text" else write_task_corpus
-        paths = write(out, n_train=e.n_train, n_validation=e.n_validation, n_test=e.n_test, seed=e.seed)
-    return paths
-
-
-def check_file(path: str) -> tuple[Path, str]:
-    """A local data file that exists and is not empty, and the `datasets` builder for its type."""
-    p = Path(path).expanduser()
-    fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {sorted(FORMATS)}")
-    if not p.is_file():
-        raise DataError(f"{path}: no such file")
-    if p.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
-    return p, fmt
 
 
 def _load_file(path: str, column: str) -> Any:
     """One local file as a single-column (`text`) Dataset, with every check that names the file."""
-    import datasets
-
     p, fmt = check_file(path)
     try:
         ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
@@ -93,8 +40,6 @@ def _load_file(path: str, column: str) -> Any:
 
 
 def _text_column(ds: Any, column: str, where: str) -> Any:
-    import datasets
-
     if column not in ds.column_names:
         raise DataError(f"{where}: no column {column!r} (data.text_column); columns are {ds.column_names}")
     feature = ds.features[column]
@@ -115,35 +60,15 @@ def _text_column(ds: Any, column: str, where: str) -> Any:
 
 
 def _concat(paths: list[str], column: str) -> Any:
-    import datasets
-
     return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
-
-
-def carve(ds: Any, ratios: tuple[float, float, float], seed: int, where: str) -> tuple[Any, Any, Any]:
-    """Split one dataset into train/validation/test by ratio with a fixed seed (same split every run)."""
-    n = len(ds)
-    n_val, n_test = round(n * ratios[1]), round(n * ratios[2])
-    if n - n_val - n_test < 1 or (ratios[1] > 0 and n_val < 1) or (ratios[2] > 0 and n_test < 1):
-        raise DataError(f"{where}: {n} documents are too few to carve splits {ratios} (data.split_ratios)")
-    shuffled = ds.shuffle(seed=seed)
-    return (
-        shuffled.select(range(n_val + n_test, n)),
-        shuffled.select(range(n_val)),
-        shuffled.select(range(n_val, n_val + n_test)),
-    )
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Validated train/validation/test text (or task examples) from the embedded corpus, local files, or a hub
     dataset."""
     if cfg.format != "text":
-        from aigc.taskdata import load_task_splits  # taskdata builds on this module
-
         return load_task_splits(cfg)
     if cfg.source == "hub":
-        import datasets
-
         try:
             dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
         except Exception as e:
@@ -203,8 +128,6 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
         texts = [str(t) for t in batch["text"]]
         counts: dict[str, int] = {}
         if scrub_pii:
-            from aigc.pii import scrub_batch
-
             texts, counter = scrub_batch(texts)
             counts = dict(counter)
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -220,37 +143,9 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
     return pack
 
 
-@dataclass
-class PackedData:
-    datasets: dict[str, Any]  # split -> materialized ray.data.Dataset of blocks (or padded examples)
-    blocks: dict[str, int]  # rows: blocks, or examples when task data is not packed
-    tokens: dict[str, int]  # tokens that are not padding
-    pii: dict[str, int]
-    loss_tokens: dict[str, int] = field(default_factory=dict)  # task formats: tokens whose label is not -100
-    examples: dict[str, dict[str, int]] = field(default_factory=dict)  # task formats: kept / dropped counts
-
-    def loss_fraction(self) -> dict[str, float]:
-        """Per split, the fraction of tokens that carry loss (1.0 minus the first token for text)."""
-        return {s: round(self.loss_tokens[s] / max(self.tokens[s], 1), 4) for s in self.loss_tokens}
-
-
-def to_ray(ds: Any, docs_per_block: int) -> Any:
-    """A `datasets.Dataset` as a Ray Dataset of several Arrow blocks (so the map runs in parallel tasks).
-
-    `ray.data.from_huggingface` re-resolves the dataset's source files inside the Ray workers; handing over
-    the Arrow table the driver already validated is both faster and exactly what was checked.
-    """
-    import ray.data
-
-    table = ds.flatten_indices().data.table
-    return ray.data.from_arrow([table.slice(i, docs_per_block) for i in range(0, max(len(table), 1), docs_per_block)])
-
-
 def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataConfig, docs_per_batch: int = 1000) -> PackedData:
     """Tokenise and pack every split with a distributed Ray Data map, materialise, and check the sizes."""
     if cfg.format != "text":
-        from aigc.taskdata import task_blocks  # taskdata builds on this module
-
         return task_blocks(splits, tokenizer, cfg, docs_per_batch)
     pack = make_packer(tokenizer, cfg.block_size, cfg.scrub_pii)
     kinds = PII_KINDS
@@ -295,9 +190,7 @@ def shard_datasets(packed: PackedData, world_size: int, names: tuple[str, ...] =
 
 def make_data_config() -> Any:
     """Every worker reads only the shard named after its rank, so Ray must not split anything again."""
-    from ray.train import DataConfig as RayDataConfig
-
-    return RayDataConfig(datasets_to_split=[])
+    return ray.train.DataConfig(datasets_to_split=[])
 
 
 # ----------------------------------------------------------------------------------- batches -> model
@@ -311,8 +204,6 @@ def train_batches(shard: Any, micro_batch: int, seed: int, bucket: bool) -> Iter
     windows of BUCKET_WINDOW micro-batches are sorted by length, cut into micro-batches, and those visited in
     a seeded random order, so each batch holds similar lengths and `model_inputs` trims it to its longest.
     Each window drops its last partial micro-batch (equal shards: every rank runs the same number)."""
-    import torch
-
     shuffle = {"local_shuffle_buffer_size": max(4 * micro_batch, 64), "local_shuffle_seed": seed}
     if not bucket:
         yield from shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, dtypes=torch.long, **shuffle)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 METADATA = "aigc.json"
 FORMAT = "aigc-model/1"
 # Pickle-based formats run code on load; a served model must never need them.
@@ -146,8 +148,6 @@ def load_model(
 ) -> LoadedModel:
     """The one loader. An aigc model directory is verified first; with `require_metadata=False` a plain
     hub id or local `save_pretrained` directory (a base model) loads too, still safetensors-only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = str(path)
     is_aigc = os.path.isfile(os.path.join(path, METADATA))
     if is_aigc:

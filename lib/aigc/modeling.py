@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 
@@ -19,9 +21,6 @@ DROPOUT_KEYS = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained locally (no hub), wrapped for transformers 5."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                             show_progress=False)  # its bars print blank lines into job logs
@@ -32,8 +31,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
 
 def build_tiny_gpt2(arch: Any, vocab_size: int, n_positions: int, eos_token_id: int, seed: int = 0) -> Any:
     """A randomly initialised GPT-2 from a config: the embedded default base model."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     cfg = GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_layer=arch.n_layer, n_embd=arch.n_embd,
         n_head=arch.n_head, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,

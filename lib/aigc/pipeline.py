@@ -9,52 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openai import APIConnectionError, APIStatusError, InternalServerError, OpenAI
-from pydantic import Field
+from ray import serve
 
 from aigc import console
-from aigc.config import ConfigError, DataConfig, Strict
-from aigc.data import ensure_embedded_corpus
+from aigc.config import DataConfig
+from aigc.corpus import ensure_embedded_corpus
+from aigc.pipeline_config import DeployConfig, PipelineConfig
+from aigc.search import run_search
 from aigc.search_config import SearchConfig
+from aigc.serving.app import build_app
 from aigc.serving.args import parse_args
 from aigc.taskmetrics import fidelity, is_embedded_task, parse_ad
-
-WINNER_PLACEHOLDER = "<winner>"
-
-
-class DeployConfig(Strict):
-    """How the winner is served once the search is done."""
-
-    app_name: str = Field("aigc", description="Serve application name; deploying again updates it in place")
-    route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the app (its /v1 lives under it)")
-    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
-    args: dict[str, Any] = Field(
-        default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus"
-    )
-    smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1,
-                                     description="prompts sent to /v1/completions after deploying (data.format text)")
-    smoke_examples: int = Field(3, ge=1, le=50, description="test-split prompts (task formats) sent after deploying: "
-                                "chat rows to /v1/chat/completions, prompt_completion rows to /v1/completions")
-    smoke_max_tokens: int = Field(96, ge=1, description="max_tokens of each smoke request (an embedded ad is <= 90)")
-    ready_timeout_s: float = Field(300.0, gt=0, description="how long the app may take to become healthy")
-    keep_serving: bool = Field(False, description="stay in the foreground serving until Ctrl-C (local Ray dies with us)")
-
-
-class PipelineConfig(SearchConfig):
-    """A search config (`base`, `space`, `search`) plus how to deploy the winner."""
-
-    deploy: DeployConfig = Field(default_factory=DeployConfig)
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        if "model_dir" in self.deploy.args:
-            out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
-            return out
-        try:
-            parse_args({**self.deploy.args, "model_dir": WINNER_PLACEHOLDER})
-        except ConfigError as e:
-            out += [f"deploy.args.{p}" for p in e.problems]
-        return out
 
 
 @dataclass
@@ -67,10 +32,6 @@ class PipelineResult:
 
 def deploy(winner_dir: str, d: DeployConfig) -> str:
     """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers."""
-    from ray import serve
-
-    from aigc.serving.app import build_app  # Ray, FastAPI and torch: not on the config's import path
-
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
               blocking=False)
@@ -143,9 +104,7 @@ def print_smoke(generations: list[dict[str, Any]]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    console.setup()  # before Ray is imported
-    from aigc.search import run_search
-
+    console.setup()
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
     result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))
     if result.interrupted or not result.winner_dir:

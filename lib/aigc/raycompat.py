@@ -12,6 +12,8 @@ carry on), and so that importing this module for bin-packing does not import Tun
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import threading
@@ -59,8 +61,6 @@ def nodes_for(types: Mapping[str, dict[str, Any]], existing: dict[str, int], hea
     `ray.autoscaler._private.resource_demand_scheduler`, `NodeAvailabilitySummary` from
     `ray.autoscaler._private.node_provider_availability_tracker`. Public replacement: none (see
     `bin_pack_residual`)."""
-    import functools
-
     from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
     from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 
@@ -77,8 +77,6 @@ def validate_cluster_config(cluster: Mapping[str, Any]) -> None:
     Ray 2.60: `prepare_config` + `validate_config` from `ray.autoscaler._private.util`. Public replacement:
     none (`ray up` runs them, with side effects; the JSON schema, `ray/autoscaler/ray-schema.json`, is the
     public half)."""
-    import copy
-
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     # "setting max workers for head node type to 0" is not news

@@ -7,6 +7,7 @@ before Ray is imported. `aigc.search` runs it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from aigc.config import ConfigError, FinetuneConfig, Strict, expand
 class ParamSpec(Strict):
     """How one hyperparameter is drawn. `kind` picks which of the other fields apply."""
 
-    kind: Literal["loguniform", "uniform", "choice"]
+    kind: Literal["loguniform", "uniform", "choice"] = Field(
+        description="how values are drawn: loguniform or uniform between low and high, or one of values (choice)"
+    )
     low: float | None = Field(None, description="lower end of a loguniform/uniform range")
     high: float | None = Field(None, description="upper end of a loguniform/uniform range")
     values: list[float] | None = Field(None, description="the candidates of a choice")
@@ -92,7 +95,10 @@ class AshaConfig(Strict):
 class SearchSection(Strict):
     """How the search runs and where it is stored."""
 
-    name: str = Field("search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    name: str = Field(
+        "search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="the search's folder under storage_path; running a search of that name again resumes it",
+    )
     storage_path: str = Field("~/aigc/searches", description="local or shared folder; the search is <path>/<name>")
     algorithm: Literal["random", "grid", "optuna"] = Field(
         "random", description="random sampling, every grid point, or Optuna TPE (pip install 'aigc[optuna]')"
@@ -101,7 +107,9 @@ class SearchSection(Strict):
         8, ge=1, description="trials (random, optuna); for grid, how many times the whole grid is repeated"
     )
     seed: int = Field(0, description="seed of the sampler, so a search draws the same trials every time")
-    asha: AshaConfig = Field(default_factory=AshaConfig)
+    asha: AshaConfig = Field(
+        default_factory=AshaConfig, description="early stopping of the trials behind the others (ASHA)"
+    )
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once; None = as many as the cluster's resources fit (never more)"
     )
@@ -114,9 +122,15 @@ class SearchSection(Strict):
 class SearchConfig(Strict):
     """A search: the trial template (`base`, same keys as a job config), the space, and the search settings."""
 
-    base: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
-    search: SearchSection = Field(default_factory=SearchSection)
+    base: FinetuneConfig = Field(
+        default_factory=FinetuneConfig, description="every trial's fine-tuning config, before the space sets its values"
+    )
+    space: SpaceConfig = Field(
+        default_factory=SpaceConfig, description="the hyperparameters searched, and how each is drawn"
+    )
+    search: SearchSection = Field(
+        default_factory=SearchSection, description="how the search runs: algorithm, trials, concurrency, storage"
+    )
 
     def problems(self) -> list[str]:
         out = [f"base.{p}" for p in self.base.problems()]
@@ -201,8 +215,6 @@ def total_trials(cfg: SearchConfig) -> int:
 def check_algorithm(cfg: SearchConfig) -> None:
     """A ConfigError when the algorithm needs a package that is not installed."""
     if cfg.search.algorithm == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("optuna") is None:  # looked for, not imported: this module stays light
             raise ConfigError(["search.algorithm: 'optuna' needs the optional extra: pip install 'aigc[optuna]' "
-                               "(or optuna>=4)"], "search config") from None
+                               "(or optuna>=4)"], "search config")

@@ -22,20 +22,13 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import datasets
 import numpy as np
 
 from aigc.config import DataConfig
-from aigc.data import (
-    PII_KINDS,
-    SPLITS,
-    DataError,
-    PackedData,
-    Splits,
-    carve,
-    check_file,
-    ensure_embedded_corpus,
-    to_ray,
-)
+from aigc.corpus import SPLITS, ensure_embedded_corpus
+from aigc.pii import scrub_batch
+from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
 from aigc.template import ROLES, Segment, TemplateError, chat_segments, encode_segments
 
 MAX_LISTED = 10  # problems listed in one DataError; the rest are counted
@@ -71,8 +64,6 @@ def _rows(path: str) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path} line {n}: not valid JSON: {e}") from None
             yield f"{path} line {n}", row
         return
-    import datasets
-
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train")
     except Exception as e:  # datasets raises many types for malformed files
@@ -150,8 +141,6 @@ def chat_row(row: Any, cfg: DataConfig, where: str, problems: list[str]) -> dict
 def _validated(rows: Iterator[tuple[str, Any]], cfg: DataConfig, what: str) -> Any:
     """Validate every row; one DataError lists the first problems and counts all. Returns a Dataset of the
     canonical columns (prompt/completion or messages) plus `source` and `row` for later messages."""
-    import datasets
-
     check = chat_row if cfg.format == "chat" else prompt_completion_row
     problems: list[str] = []
     cols: dict[str, list] = {}
@@ -176,8 +165,6 @@ def load_task_splits(cfg: DataConfig) -> Splits:
     elif cfg.source == "files":
         files = {"train": cfg.train_files, "validation": cfg.validation_files, "test": cfg.test_files}
     else:
-        import datasets
-
         try:
             dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
         except Exception as e:
@@ -192,8 +179,6 @@ def load_task_splits(cfg: DataConfig) -> Splits:
         return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
 
     def load(paths: list[str]) -> Any:
-        import datasets
-
         return datasets.concatenate_datasets([_validated(_rows(p), cfg, p) for p in paths])
 
     origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}" for s in SPLITS}
@@ -263,8 +248,6 @@ def encode_example(row: dict[str, Any], tokenizer: Any, fmt: str) -> tuple[list[
 
 def _scrub_rows(rows: list[dict[str, Any]], fmt: str) -> dict[str, int]:
     """Replace PII in every prompt, completion and message content, in place; counts per kind."""
-    from aigc.pii import scrub_batch
-
     if fmt == "chat":
         convs = [json.loads(r["messages"]) for r in rows]
         texts, counts = scrub_batch([m["content"] for c in convs for m in c])

@@ -99,7 +99,8 @@ def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
 
     from aigc.modeldir import load_model
     from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
-    from aigc.zero import deepspeed_config, make_scheduler
+    from aigc.schedule import make_scheduler
+    from aigc.zero import deepspeed_config
 
     o = cfg.optim
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()

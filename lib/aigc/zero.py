@@ -1,12 +1,10 @@
-"""The DeepSpeed config builder and the learning-rate schedule: pure functions of the typed config."""
+"""The DeepSpeed config builder: a pure function of the typed config (the lr schedule is `aigc.schedule`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
-from aigc.config import FinetuneConfig, OptimConfig
+from aigc.config import FinetuneConfig
 
 
 def resolve_precision(precision: str, use_cuda: bool, bf16_supported: bool) -> str:
@@ -51,26 +49,3 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, use_cuda: bool, bf16_
         "steps_per_print": 10**9,  # aigc prints its own rank-0 progress
         "wall_clock_breakdown": False,
     }
-
-
-def lr_lambda(o: OptimConfig) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step `s`: linear warmup, then cosine/linear decay to min_lr_ratio."""
-
-    def f(s: int) -> float:
-        if s < o.warmup_steps:
-            return (s + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-
-    return f
-
-
-def make_scheduler(o: OptimConfig) -> Callable[[Any], Any]:
-    """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`; DeepSpeed steps it
-    once per optimizer step and saves its state in the checkpoint."""
-    import torch
-
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))

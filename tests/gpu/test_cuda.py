@@ -30,12 +30,12 @@ def corpus_model(tmp_path_factory):
     import torch
 
     from aigc.config import TinyArch
-    from aigc.corpus import generate
+    from aigc.corpus import sample_ads
     from aigc.data import pack_ids
     from aigc.modeldir import save_model_dir
     from aigc.modeling import build_tiny_gpt2, train_tokenizer
 
-    docs = [d["text"] for d in generate(6000, seed=3)]
+    docs = [d["text"] for d in sample_ads(6000, seed=3)]
     tok = train_tokenizer(docs[:5000], vocab_size=2048)
     model = build_tiny_gpt2(TinyArch(n_layer=8, n_embd=768, n_head=12, vocab_size=2048), len(tok), BLOCK,
                             tok.eos_token_id)

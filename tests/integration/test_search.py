@@ -242,11 +242,11 @@ def test_failing_trials_are_recorded_retried_and_do_not_kill_the_search(ray_loca
     from transformers import AutoModelForCausalLM
 
     from aigc.config import TinyArch
-    from aigc.corpus import generate
+    from aigc.corpus import sample_ads
     from aigc.modeling import build_tiny_gpt2, train_tokenizer
 
     base = tmp_path / "base"
-    tok = train_tokenizer([d["text"] for d in generate(300, seed=1)], vocab_size=300)
+    tok = train_tokenizer([d["text"] for d in sample_ads(300, seed=1)], vocab_size=300)
     build_tiny_gpt2(TinyArch(), len(tok), 64, tok.eos_token_id).save_pretrained(base)
     tok.save_pretrained(base)
     AutoModelForCausalLM.from_pretrained(base)  # loads before the damage

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from aigc.config import DataConfig, FinetuneConfig, load_config
-from aigc.corpus import generate
+from aigc.corpus import sample_ads
 from aigc.data import DataError, load_splits, to_ray_blocks
 from aigc.finetune import read_metrics_log, run_finetune
 from aigc.modeldir import verify_model_dir
@@ -27,7 +27,7 @@ TINY = ["data.block_size=96", "model.arch.n_embd=32", "model.arch.vocab_size=400
 
 def ads(n: int) -> list[str]:
     """First sentences of embedded-corpus ads: 30 tokens on average, at most ~60 (fits 96 with the prompt)."""
-    return [d["text"].split(". ")[0].rstrip(".") + "." for d in generate(n, seed=3)]
+    return [d["text"].split(". ")[0].rstrip(".") + "." for d in sample_ads(n, seed=3)]
 
 
 def chat_rows(n: int) -> list[dict]:

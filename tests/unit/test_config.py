@@ -65,7 +65,7 @@ def test_shipped_job_configs_validate():
 
 
 def test_shipped_pipeline_configs_validate_including_their_serve_args():
-    from aigc.pipeline import PipelineConfig
+    from aigc.pipeline_config import PipelineConfig
 
     assert PIPELINE_CONFIGS
     for path in PIPELINE_CONFIGS:

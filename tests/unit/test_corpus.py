@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from aigc.adwords import BRANDS, CATEGORIES, TONES
-from aigc.corpus import DEFAULT_GRAMMAR, generate, write_corpus
+from aigc.corpus import DEFAULT_GRAMMAR, sample_ads, write_corpus
 from aigc.grammar import Grammar
 
 
@@ -196,9 +196,9 @@ def test_probability_of_a_known_document_by_hand():
 
 
 def test_generate_is_deterministic_and_nats_are_exact():
-    docs = generate(50, seed=7)
-    assert docs == generate(50, seed=7)
-    assert docs != generate(50, seed=8)
+    docs = sample_ads(50, seed=7)
+    assert docs == sample_ads(50, seed=7)
+    assert docs != sample_ads(50, seed=8)
     for d in docs:
         assert set(d) == {"text", "nats"}
         assert d["nats"] > 0
@@ -207,7 +207,7 @@ def test_generate_is_deterministic_and_nats_are_exact():
 
 def test_documents_are_within_the_intended_length():
     # Short enough that a brief (~40 tokens of a 512-token BPE) and its ad fit in about 128 tokens.
-    words = [len(d["text"].split()) for d in generate(3000, seed=3)]
+    words = [len(d["text"].split()) for d in sample_ads(3000, seed=3)]
     assert min(words) >= 12
     assert max(words) <= 40
     assert 18 < statistics.fmean(words) < 30

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from aigc.corpus import generate
+from aigc.corpus import sample_ads
 from aigc.pii import KINDS, scrub, scrub_batch
 
 
@@ -95,7 +95,7 @@ def test_numbers_that_cannot_be_national_ids_are_kept(not_an_id):
 
 
 def test_ordinary_commerce_text_is_untouched():
-    texts = [d["text"] for d in generate(1000, seed=21)]
+    texts = [d["text"] for d in sample_ads(1000, seed=21)]
     texts.append(
         "Only $19.99, save 20% in 2024 with code SPRING20. SKU 4821-330, model X200, ISBN 978-3-16-148410-0. "
         "Sale ends 2024-05-06 at 12:30. Rated 4.8 stars by over 10,000 customers. Sizes 7 8 9 10 11 12. "

@@ -17,8 +17,8 @@ from aigc.corpus import (
     brief_logprob,
     conditional_grammar,
     format_brief,
-    generate_task,
     parse_brief,
+    sample_task_rows,
     to_prompt_completion,
     write_task_corpus,
 )
@@ -48,10 +48,10 @@ def test_brief_choices_accept_only_briefs_of_the_grammar():
             brief_choices({**BRIEF, field: value})
 
 
-def test_generate_task_rows_are_deterministic_chat_rows_with_their_brief():
-    rows = generate_task(40, seed=7)
-    assert rows == generate_task(40, seed=7)
-    assert rows != generate_task(40, seed=8)
+def test_sample_task_rows_are_deterministic_chat_rows_with_their_brief():
+    rows = sample_task_rows(40, seed=7)
+    assert rows == sample_task_rows(40, seed=7)
+    assert rows != sample_task_rows(40, seed=8)
     for row in rows:
         assert set(row) == {"messages", "brief", "nats"}
         assert set(row["brief"]) == set(BRIEF_FIELDS)
@@ -65,7 +65,7 @@ def test_generate_task_rows_are_deterministic_chat_rows_with_their_brief():
 
 
 def test_task_nats_are_the_exact_conditional_nats_of_the_parse():
-    for row in generate_task(400, seed=1):
+    for row in sample_task_rows(400, seed=1):
         ad, brief = row["messages"][1]["content"], row["brief"]
         given = conditional_grammar(brief)
         # The conditioned grammar parses the ad exhaustively: one derivation, whose probability is the row's.
@@ -74,12 +74,12 @@ def test_task_nats_are_the_exact_conditional_nats_of_the_parse():
         # p(ad) = p(brief) p(ad | brief): the plain corpus is the marginal of the task over briefs.
         assert DEFAULT_GRAMMAR.logprob(ad) == pytest.approx(brief_logprob(brief) - row["nats"], rel=1e-12)
     # An ad for another brief has no probability given this one.
-    other = next(r for r in generate_task(50, seed=2) if r["brief"]["offer"] != BRIEF["offer"])
+    other = next(r for r in sample_task_rows(50, seed=2) if r["brief"]["offer"] != BRIEF["offer"])
     assert conditional_grammar(BRIEF).logprob(other["messages"][1]["content"]) == -math.inf
 
 
 def test_mean_task_nats_match_the_conditional_entropy():
-    rows = generate_task(6000, seed=4)
+    rows = sample_task_rows(6000, seed=4)
     h_brief = brief_entropy()
     h_given = DEFAULT_GRAMMAR.entropy() - h_brief
     assert 5 < h_given < 15
@@ -88,10 +88,10 @@ def test_mean_task_nats_match_the_conditional_entropy():
         assert abs(mean - h) < 3 * se, (mean, h, se)
 
 
-def test_generate_task_redraws_excluded_briefs():
-    first = generate_task(30, seed=5)
+def test_sample_task_rows_redraws_excluded_briefs():
+    first = sample_task_rows(30, seed=5)
     keys = {tuple(r["brief"][f] for f in BRIEF_FIELDS) for r in first}
-    again = generate_task(30, seed=5, exclude_briefs=keys)
+    again = sample_task_rows(30, seed=5, exclude_briefs=keys)
     assert not keys & {tuple(r["brief"][f] for f in BRIEF_FIELDS) for r in again}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aigc.corpus import PROMPT_SUFFIX, format_brief, generate, generate_task
+from aigc.corpus import PROMPT_SUFFIX, format_brief, sample_ads, sample_task_rows
 from aigc.taskmetrics import (
     distinct_n,
     fidelity,
@@ -23,13 +23,13 @@ SOUNDBAR_AD = "The Lumen soundbar. Hear every detail. Buy one, get one free thro
 
 
 def test_every_grammar_ad_is_valid_and_faithful_to_its_brief():
-    for row in generate_task(500, seed=11):
+    for row in sample_task_rows(500, seed=11):
         ad = row["messages"][1]["content"]
         assert parse_ad(ad) == row["brief"]
         assert fidelity(row["brief"], ad)
         assert fidelity(row["messages"][0]["content"], ad)  # the brief text works as well as the dict
     # The plain corpus is the same distribution: each document is an ad of some brief.
-    assert all(parse_ad(d["text"]) is not None for d in generate(300, seed=12))
+    assert all(parse_ad(d["text"]) is not None for d in sample_ads(300, seed=12))
 
 
 def test_parse_ad_recovers_the_brief_and_ignores_surrounding_whitespace():
@@ -51,7 +51,7 @@ def test_a_changed_offer_is_valid_but_not_faithful():
     assert fidelity(BOOT, playful)
     assert not fidelity(BOOT, SOUNDBAR_AD)
     # And a brief whose offer differs from the ad's is not matched by it.
-    for row in generate_task(50, seed=13):
+    for row in sample_task_rows(50, seed=13):
         other_offer = "50% off" if row["brief"]["offer"] != "50% off" else "10% off"
         assert not fidelity({**row["brief"], "offer": other_offer}, row["messages"][1]["content"])
 
@@ -130,7 +130,7 @@ def test_task_scores_on_hand_made_lists():
 
 
 def test_is_embedded_task_only_for_briefs_of_the_grammar():
-    prompts = [r["messages"][0]["content"] for r in generate_task(20, seed=14)]
+    prompts = [r["messages"][0]["content"] for r in sample_task_rows(20, seed=14)]
     assert is_embedded_task(prompts)
     assert is_embedded_task(p + PROMPT_SUFFIX for p in prompts)
     assert not is_embedded_task([])

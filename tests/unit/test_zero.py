@@ -1,9 +1,7 @@
-"""The DeepSpeed config builder and the lr schedule."""
-
-import math
+"""The DeepSpeed config builder."""
 
 from aigc.config import FinetuneConfig, load_config
-from aigc.zero import deepspeed_config, lr_lambda, resolve_precision
+from aigc.zero import deepspeed_config, resolve_precision
 
 
 def cfg(*overrides):
@@ -40,12 +38,3 @@ def test_precision_resolution():
     assert resolve_precision("auto", use_cuda=True, bf16_supported=False) == "fp16"
     assert resolve_precision("fp32", use_cuda=True, bf16_supported=True) == "fp32"
 
-
-def test_schedule_warmup_then_cosine_to_floor():
-    o = cfg("optim.warmup_steps=10", "optim.max_steps=110", "optim.min_lr_ratio=0.1").optim
-    f = lr_lambda(o)
-    assert math.isclose(f(0), 0.1) and math.isclose(f(9), 1.0)
-    assert math.isclose(f(10), 1.0) and math.isclose(f(60), 0.55) and math.isclose(f(110), 0.1)
-    assert all(f(s) >= f(s + 1) for s in range(10, 110))
-    lin = lr_lambda(cfg("optim.schedule=linear", "optim.warmup_steps=0", "optim.max_steps=100").optim)
-    assert math.isclose(lin(50), 0.1 + 0.9 * 0.5)

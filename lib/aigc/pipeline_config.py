@@ -1,0 +1,52 @@
+"""The whole-loop job's config: a search config (`base`, `space`, `search`) plus how the winner is deployed.
+
+Importable without Ray, torch or FastAPI: the job checks a config before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from aigc.config import ConfigError, Strict
+from aigc.search_config import SearchConfig
+from aigc.serving.args import parse_args
+
+WINNER_PLACEHOLDER = "<winner>"
+
+
+class DeployConfig(Strict):
+    """How the winner is served once the search is done."""
+
+    app_name: str = Field("aigc", description="Serve application name; deploying again updates it in place")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the app (its /v1 lives under it)")
+    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus"
+    )
+    smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1,
+                                     description="prompts sent to /v1/completions after deploying (data.format text)")
+    smoke_examples: int = Field(3, ge=1, le=50, description="test-split prompts (task formats) sent after deploying: "
+                                "chat rows to /v1/chat/completions, prompt_completion rows to /v1/completions")
+    smoke_max_tokens: int = Field(96, ge=1, description="max_tokens of each smoke request (an embedded ad is <= 90)")
+    ready_timeout_s: float = Field(300.0, gt=0, description="how long the app may take to become healthy")
+    keep_serving: bool = Field(False, description="stay in the foreground serving until Ctrl-C (local Ray dies with us)")
+
+
+class PipelineConfig(SearchConfig):
+    """A search config (`base`, `space`, `search`) plus how to deploy the winner."""
+
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="how the winner is served once the search is done")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if "model_dir" in self.deploy.args:
+            out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
+            return out
+        try:
+            parse_args({**self.deploy.args, "model_dir": WINNER_PLACEHOLDER})
+        except ConfigError as e:
+            out += [f"deploy.args.{p}" for p in e.problems]
+        return out
