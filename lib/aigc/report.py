@@ -129,16 +129,30 @@ def _headline(data: SearchData, s: dict[str, Any]) -> list[str]:
     return lines
 
 
-WINNER_NOTE = ("Test split, base model against the winner (`aigc.evaluate`): trials are not evaluated (they run with "
-               "run.evaluate=false to stay cheap), the winner is, once, after the search.")
+WINNER_NOTE = ("Test split, the base model against the winner (aigc.evaluate). Trials are not evaluated (they run "
+               "with run.evaluate=false to stay cheap); the winner is evaluated once, after the search.")
 
 
-def _winner_evaluation(data: SearchData) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """The winner's base-vs-fine-tuned rows and example lines ([], [] when it was not evaluated)."""
+def _winner_evaluation(data: SearchData) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
+    """The winner's base-vs-fine-tuned rows and its example completions ([], [] when it was not evaluated)."""
     ev = (data.winner or {}).get("evaluation") or {}
     if not ev.get("base") or not ev.get("finetuned"):
         return [], []
-    return comparison_rows(ev["base"], ev["finetuned"]), example_lines(ev["finetuned"])
+    return comparison_rows(ev["base"], ev["finetuned"]), ev["finetuned"].get("examples") or []
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> str:
+    """The winner's example prompts and greedy completions as a table (valid/faithful columns when known)."""
+    if not examples:
+        return ""
+    e = html.escape
+    marks = [k for k in ("valid", "faithful") if k in examples[0]]
+    head = "<tr><th class='l'>test prompt</th><th class='l'>winner's greedy completion</th>" + "".join(
+        f"<th>{k}</th>" for k in marks) + "</tr>"
+    body = "".join("<tr><td class='l ex'>" + e(x["prompt"]).replace("\n", "<br>") + f"</td><td class='l ex'>"
+                   f"{e(x['completion'])}</td>" + "".join(f"<td>{'yes' if x.get(k) else 'no'}</td>" for k in marks)
+                   + "</tr>" for x in examples)
+    return f"<table style='margin-top:12px'>{head}{body}</table>"
 
 
 CAPTIONS = {
@@ -164,7 +178,7 @@ th{background:#f6f8fa;position:sticky;top:0}td.l,th.l{text-align:left}tr.best td
 .chip{display:inline-block;border-radius:10px;padding:1px 8px;color:#fff;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #d0d7de;border-radius:4px}
 figcaption{color:#57606a;font-size:13px;margin-top:4px}pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12px}
-code{background:#eff1f3;padding:1px 4px;border-radius:3px}.err{color:#cf222e;white-space:normal;text-align:left;max-width:320px}
+code{background:#eff1f3;padding:1px 4px;border-radius:3px}td.ex{white-space:normal;vertical-align:top}.err{color:#cf222e;white-space:normal;text-align:left;max-width:320px}
 """
 
 
@@ -204,8 +218,7 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
         winner_ev = ("<h2>Winner against its base</h2><table style='width:auto'><tr><th class='l'></th><th>base</th>"
                      "<th>winner</th></tr>" + "".join(f"<tr><td class='l'>{e(label)}</td><td>{e(b)}</td><td>{e(a)}</td></tr>"
                                                       for label, b, a in rows_ev) + "</table>"
-                     + (f"<p>Winner's greedy completions for test prompts:</p><pre>{e(chr(10).join(examples))}</pre>"
-                        if examples else "") + f"<p class='sub'>{e(WINNER_NOTE)}</p>")
+                     + _examples_html(examples) + f"<p class='sub'>{e(WINNER_NOTE)}</p>")
     best_cfg = ""
     if "best" in s:
         b = s["best"]
@@ -241,7 +254,8 @@ def render_md(data: SearchData) -> str:
     if rows_ev:
         lines += ["", "## Winner against its base", "", "| | base | winner |", "|---|---|---|"]
         lines += [f"| {label} | {b} | {a} |" for label, b, a in rows_ev]
-        lines += ["", *(["Winner's greedy completions for test prompts:", "", "```", *examples, "```", ""]
+        lines += ["", *(["Winner's greedy completions for test prompts:", "", "```", *example_lines({"examples": examples}),
+                         "```", ""]
                         if examples else []), WINNER_NOTE]
     lines += ["", "## Trials, ranked by best validation loss", "",
               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -12,7 +12,14 @@ import torch
 from aigc.comparison import comparison_rows
 from aigc.config import DataConfig, FinetuneConfig
 from aigc.corpus import generate_task, to_prompt_completion
-from aigc.evaluate import TaskEval, completion_nats, evaluate_model, task_eval_inputs, task_prompt
+from aigc.evaluate import (
+    TaskEval,
+    completion_nats,
+    document_nats,
+    evaluate_model,
+    task_eval_inputs,
+    task_prompt,
+)
 from aigc.finetune import print_comparison
 from aigc.modeldir import load_model
 from aigc.taskdata import NO_LOSS, TOO_LONG, encode_example, load_task_splits, make_encoder
@@ -158,3 +165,12 @@ def test_comparison_prints_only_rows_both_sides_have(capsys):
     assert "conditional floor: 7.50 nats" in out
     assert "'Product: X' -> 'Buy X.' [valid, not faithful]" in out
     assert [r[0] for r in comparison_rows(tuned, tuned)][:2] == ["test loss (nats/token)", "completion nats / floor"]
+
+
+def test_document_nats_score_every_token_after_the_leading_eos(tiny):
+    texts = ["Save 20% today.", "Introducing the Ember tent: light, warm. Shop now."]
+    got = document_nats(tiny.model, tiny.tokenizer, texts, batch_size=2)
+    eos = tiny.tokenizer.eos_token_id
+    for text, nats in zip(texts, got, strict=True):
+        ids = [eos, *tiny.tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        assert nats == pytest.approx(hand_nats(tiny.model, ids, np.array([False] + [True] * (len(ids) - 1))), rel=1e-4)
