@@ -229,7 +229,7 @@ class ScalingConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Periodic validation, early stopping and checkpoint retention."""
+    """Periodic validation, early stopping and checkpoint retention; the size of the task evaluation."""
 
     every_steps: int = Field(50, ge=1, description="validate (and checkpoint) every N optimizer steps")
     max_batches: int | None = Field(None, ge=1, description="cap validation batches per worker; None = whole split")
@@ -237,6 +237,14 @@ class EvalConfig(Strict):
     min_delta: float = Field(0.0, ge=0.0, description="improvement smaller than this does not count")
     keep_top_k: int = Field(2, ge=1, description="checkpoints kept by lowest validation loss (latest is kept too)")
     log_every: int = Field(10, ge=1, description="rank-0 progress line every N steps")
+    task_examples: int = Field(
+        200, ge=1,
+        description="task data (prompt_completion, chat): test prompts the before/after evaluation generates a "
+        "greedy and a sampled completion for (validity, fidelity, distinct-2, memorisation)",
+    )
+    task_max_tokens: int = Field(
+        128, ge=1, description="task data: new tokens at most per evaluation generation (an embedded ad is <= ~100)"
+    )
 
 
 class RunConfig(Strict):

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from aigc import console
+from aigc.comparison import comparison_rows, example_lines
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
+from aigc.evaluate import TaskEval, evaluate_model, task_eval_inputs, task_prompt
+from aigc.generation import SamplingParams, generate
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
 from aigc.placement import worker_bundle
 from aigc.taskdata import training_texts
@@ -154,7 +157,8 @@ def _export_task(checkpoint: Any, out_dir: str, config: dict, metrics: dict, **e
 
 
 def _read_docs(path: str, limit: int = 1000) -> list[dict[str, Any]] | None:
-    """Test documents with their exact nats (embedded corpus files carry them); None for other data."""
+    """Test documents with their exact nats (embedded text corpus files carry them); None for other data.
+    (Task rows carry the nats of their completion instead: `aigc.evaluate.task_eval_inputs`.)"""
     docs = []
     with open(path) as f:
         for line in f:
@@ -258,33 +262,36 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
 
     out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics),
                          data=prepared.data_info)
+    task = task_eval_inputs(cfg, prepared.splits)
     if cfg.run.evaluate:
-        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed)
+        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed, task)
         _record_evaluation(best_dir, out.evaluation)
         print_comparison(out.evaluation)
     if cfg.run.samples:
-        out.samples = sample_generations(best_dir, cfg.run.samples)
+        out.samples = sample_generations(best_dir, cfg.run.samples, task=task)
         for s in out.samples:
             print(f"[aigc] sample: {s['prompt']!r} -> {s['completion']!r}", flush=True)
     (run_dir / "summary.json").write_text(json.dumps(asdict(out), indent=2, default=str))
     return out
 
 
-def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData) -> dict:
-    """Test perplexity of the base and the fine-tuned model side by side, computed by one Ray task each."""
+def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData,
+                          task: TaskEval | None = None) -> dict:
+    """The base and the fine-tuned model evaluated side by side on the test split, one Ray task each: test
+    loss/perplexity, and the grammar-entropy ratio (embedded text) or the task metrics (`task`, from
+    `aigc.evaluate.task_eval_inputs`: completion nats / floor, validity, fidelity, diversity)."""
     import ray
 
-    from aigc.evaluate import evaluate_model
-
     docs = None
-    if cfg.data.source == "embedded":
+    if cfg.data.source == "embedded" and cfg.data.format == "text":
         from aigc.data import ensure_embedded_corpus
 
         docs = _read_docs(ensure_embedded_corpus(cfg.data)["test"])
-    task = ray.remote(evaluate_model).options(**_remote_options(cfg))
+    remote = ray.remote(evaluate_model).options(**_remote_options(cfg))
     base_is_aigc = os.path.isfile(os.path.join(base, "aigc.json"))
-    before, after = ray.get([task.remote(base, packed.datasets["test"], docs, base_is_aigc),
-                             task.remote(tuned, packed.datasets["test"], docs, True)])
+    test, task_ref = packed.datasets["test"], ray.put(task)  # the test rows travel once, not once per model
+    before, after = ray.get([remote.remote(base, test, docs, base_is_aigc, task=task_ref),
+                             remote.remote(tuned, test, docs, True, task=task_ref)])
     return {"base": before, "finetuned": after}
 
 
@@ -301,30 +308,40 @@ def _record_evaluation(model_dir: str, evaluation: dict) -> None:
 
 
 def print_comparison(ev: dict) -> None:
+    """The base-vs-fine-tuned table (rows both sides have) and the fine-tuned model's example completions."""
     b, a = ev["base"], ev["finetuned"]
-    rows = [("test loss (nats/token)", "test_loss", "{:.4f}"), ("test perplexity", "test_ppl", "{:.2f}"),
-            ("nats per document", "nats_per_doc", "{:.2f}"), ("x grammar entropy (1.0 = floor)", "entropy_ratio", "{:.3f}")]
     print(f"[aigc] {'':34} {'base':>12} {'fine-tuned':>12}", flush=True)
-    for label, key, fmt in rows:
-        if key in b and key in a:
-            print(f"[aigc] {label:34} {fmt.format(b[key]):>12} {fmt.format(a[key]):>12}", flush=True)
+    for label, before, after in comparison_rows(b, a):
+        print(f"[aigc] {label:34} {before:>12} {after:>12}", flush=True)
     if "true_nats_per_doc" in a:
         print(f"[aigc] grammar entropy: {a['true_nats_per_doc']:.2f} nats per test document", flush=True)
+    if "floor_nats_per_example" in a:
+        print(f"[aigc] conditional floor: {a['floor_nats_per_example']:.2f} nats per test completion", flush=True)
+    for line in example_lines(a):
+        print(f"[aigc] fine-tuned example: {line}", flush=True)
 
 
-DEMO_PROMPTS = ["Introducing the", "Save", "Our new", "Limited time:", "Discover"]
+DEMO_PROMPTS = ["Introducing the", "Save", "Our new", "Limited time:", "Discover"]  # text data only
 
 
-def sample_generations(model_dir: str, n: int, max_tokens: int = 40) -> list[dict[str, str]]:
-    """A few greedy-ish generations from a model directory through the shared generation path."""
-    from aigc.generation import SamplingParams, generate
+def sample_generations(model_dir: str, n: int, max_tokens: int = 40, task: TaskEval | None = None) -> list[dict[str, str]]:
+    """A few generations (temperature 0.7, top-p 0.95) from a model directory through the shared generation
+    path: from the text DEMO_PROMPTS, or for task data (`task`) from the first test prompts, rendered and
+    tokenised as training did, with up to `task.max_tokens` new tokens."""
     from aigc.modeldir import load_model
 
     loaded = load_model(model_dir)
-    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]
+    if task is None:
+        texts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]
+        prompts: list[Any] = texts
+    else:
+        if task.data.format == "chat":
+            ensure_chat_template(loaded.tokenizer)
+        pairs = [task_prompt(row, loaded.tokenizer, task.data.format) for row in task.examples[:n]]
+        texts, prompts, max_tokens = [p[0] for p in pairs], [p[1] for p in pairs], task.max_tokens
     params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=0)
     outs = generate(loaded.model, loaded.tokenizer, prompts, params)
-    return [{"prompt": p, "completion": o.text} for p, o in zip(prompts, outs, strict=True)]
+    return [{"prompt": p, "completion": o.text} for p, o in zip(texts, outs, strict=True)]
 
 
 def clean_run(cfg: FinetuneConfig) -> None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aigc.comparison import comparison_rows, example_lines
 from aigc.layout import PLOTS_DIR, REPORT_HTML, REPORT_MD, TRIALS_CSV
-from aigc.report_data import SearchData, load_search, summary
+from aigc.report_data import TRIAL_TASK_COLUMNS, SearchData, load_search, summary
 from aigc.report_plots import PLOTS, STATUS_COLOURS, draw_plots, fmt
 
 FILES = (REPORT_HTML, REPORT_MD, TRIALS_CSV, *(f"{PLOTS_DIR}/{p}.png" for p in PLOTS))
@@ -44,13 +45,14 @@ class Report:
 
 def _columns(data: SearchData) -> list[str]:
     return ["rank", "trial_id", "status", *data.param_names, "best_val_loss", "best_val_ppl", "best_step",
-            "final_val_loss", "final_val_ppl", "steps", "asha_stopped", "asha_stop_step", "early_stopped", "error",
+            "final_val_loss", "final_val_ppl", *TRIAL_TASK_COLUMNS, "steps", "asha_stopped", "asha_stop_step", "early_stopped", "error",
             "num_failures", "wall_s", "cpu_hours", "gpu_hours", "model_dir"]
 
 
 # How the HTML and Markdown tables show a column (trials.csv keeps full precision).
 CELL_FORMATS = {"best_val_loss": "{:.4f}", "final_val_loss": "{:.4f}", "best_val_ppl": "{:.2f}",
-                "final_val_ppl": "{:.2f}", "wall_s": "{:.0f}", "cpu_hours": "{:.4f}", "gpu_hours": "{:.4f}"}
+                "final_val_ppl": "{:.2f}", "wall_s": "{:.0f}", "cpu_hours": "{:.4f}", "gpu_hours": "{:.4f}",
+                "floor_ratio": "{:.3f}", "greedy_valid_pct": "{:.1f}", "greedy_faithful_pct": "{:.1f}"}
 ALWAYS_SHOWN = {"rank", "trial_id", "status", "best_val_loss", "final_val_loss", "steps"}
 
 
@@ -127,6 +129,32 @@ def _headline(data: SearchData, s: dict[str, Any]) -> list[str]:
     return lines
 
 
+WINNER_NOTE = ("Test split, the base model against the winner (aigc.evaluate). Trials are not evaluated (they run "
+               "with run.evaluate=false to stay cheap); the winner is evaluated once, after the search.")
+
+
+def _winner_evaluation(data: SearchData) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
+    """The winner's base-vs-fine-tuned rows and its example completions ([], [] when it was not evaluated)."""
+    ev = (data.winner or {}).get("evaluation") or {}
+    if not ev.get("base") or not ev.get("finetuned"):
+        return [], []
+    return comparison_rows(ev["base"], ev["finetuned"]), ev["finetuned"].get("examples") or []
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> str:
+    """The winner's example prompts and greedy completions as a table (valid/faithful columns when known)."""
+    if not examples:
+        return ""
+    e = html.escape
+    marks = [k for k in ("valid", "faithful") if k in examples[0]]
+    head = "<tr><th class='l'>test prompt</th><th class='l'>winner's greedy completion</th>" + "".join(
+        f"<th>{k}</th>" for k in marks) + "</tr>"
+    body = "".join("<tr><td class='l ex'>" + e(x["prompt"]).replace("\n", "<br>") + f"</td><td class='l ex'>"
+                   f"{e(x['completion'])}</td>" + "".join(f"<td>{'yes' if x.get(k) else 'no'}</td>" for k in marks)
+                   + "</tr>" for x in examples)
+    return f"<table style='margin-top:12px'>{head}{body}</table>"
+
+
 CAPTIONS = {
     "learning_curves": "Validation loss against optimizer step for every trial. Dashed lines ending in x were "
                        "stopped by ASHA; the thick line is the best trial.",
@@ -150,7 +178,7 @@ th{background:#f6f8fa;position:sticky;top:0}td.l,th.l{text-align:left}tr.best td
 .chip{display:inline-block;border-radius:10px;padding:1px 8px;color:#fff;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #d0d7de;border-radius:4px}
 figcaption{color:#57606a;font-size:13px;margin-top:4px}pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12px}
-code{background:#eff1f3;padding:1px 4px;border-radius:3px}.err{color:#cf222e;white-space:normal;text-align:left;max-width:320px}
+code{background:#eff1f3;padding:1px 4px;border-radius:3px}td.ex{white-space:normal;vertical-align:top}.err{color:#cf222e;white-space:normal;text-align:left;max-width:320px}
 """
 
 
@@ -184,6 +212,13 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
                     f"<figcaption>{e(CAPTIONS[name])}</figcaption></figure>")
     errors = [f"<h3><code>{e(t.trial_id)}</code></h3><pre>{e(t.error_text or '')}</pre>" for t in data.trials if t.error_text]
     space = "".join(f"<li><code>{e(n)}</code>: {e(d)}</li>" for n, d in _space_lines(data))
+    rows_ev, examples = _winner_evaluation(data)
+    winner_ev = ""
+    if rows_ev:
+        winner_ev = ("<h2>Winner against its base</h2><table style='width:auto'><tr><th class='l'></th><th>base</th>"
+                     "<th>winner</th></tr>" + "".join(f"<tr><td class='l'>{e(label)}</td><td>{e(b)}</td><td>{e(a)}</td></tr>"
+                                                      for label, b, a in rows_ev) + "</table>"
+                     + _examples_html(examples) + f"<p class='sub'>{e(WINNER_NOTE)}</p>")
     best_cfg = ""
     if "best" in s:
         b = s["best"]
@@ -197,6 +232,7 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
 <p class="sub">{e(data.search_dir)} &middot; generated {e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>
 <div class="box"><ul>{''.join(f'<li>{e(x)}</li>' for x in _headline(data, s))}</ul></div>
 <h2>Best configuration</h2>{best_cfg or '<p>No trial has reported a validation loss yet.</p>'}
+{winner_ev}
 <h2>Trials, ranked by best validation loss</h2>
 <div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>
 <p class="sub">wall_s: seconds from the trial's start to its end (or its last report); CPU/GPU-hours: wall time x
@@ -214,6 +250,13 @@ def render_md(data: SearchData) -> str:
     cols = _table_columns(data, rows)
     lines = [f"# Search report: {data.name}", "", f"`{data.search_dir}`", ""]
     lines += [f"- {x}" for x in _headline(data, s)]
+    rows_ev, examples = _winner_evaluation(data)
+    if rows_ev:
+        lines += ["", "## Winner against its base", "", "| | base | winner |", "|---|---|---|"]
+        lines += [f"| {label} | {b} | {a} |" for label, b, a in rows_ev]
+        lines += ["", *(["Winner's greedy completions for test prompts:", "", "```", *example_lines({"examples": examples}),
+                         "```", ""]
+                        if examples else []), WINNER_NOTE]
     lines += ["", "## Trials, ranked by best validation loss", "",
               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -38,6 +38,9 @@ from aigc.modeldir import METADATA
 from aigc.placement import trial_resources
 from aigc.raycompat import tune_trial_states
 
+# Columns of the trials table from a trial's evaluation (the winner's full table is its own section).
+TRIAL_TASK_COLUMNS = ("floor_ratio", "greedy_valid_pct", "greedy_faithful_pct")
+
 
 @dataclass
 class TrialRecord:
@@ -55,6 +58,7 @@ class TrialRecord:
     gpu_hours: float = 0.0
     num_failures: int = 0
     model_dir: str | None = None
+    evaluation: dict[str, Any] | None = None  # the best model's before/after evaluation, when the trial ran one
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -89,8 +93,13 @@ class TrialRecord:
             "steps": self.steps, "asha_stopped": self.asha_stop_step is not None, "asha_stop_step": self.asha_stop_step,
             "early_stopped": self.status == "early-stopped", "error": self.error, "num_failures": self.num_failures,
             "wall_s": round(self.wall_s, 1), "cpu_hours": round(self.cpu_hours, 5), "gpu_hours": round(self.gpu_hours, 5),
-            "model_dir": self.model_dir,
+            "model_dir": self.model_dir, **{k: self.tuned.get(k) for k in TRIAL_TASK_COLUMNS},
         }
+
+    @property
+    def tuned(self) -> dict[str, Any]:
+        """The fine-tuned side of the trial's evaluation ({} when it was not evaluated)."""
+        return (self.evaluation or {}).get("finetuned") or {}
 
 
 @dataclass
@@ -100,7 +109,7 @@ class SearchData:
     search_dir: str
     config: dict[str, Any]
     trials: list[TrialRecord]
-    winner: dict[str, Any] | None = None  # {"path", "trial", "metrics"} from winner/aigc.json
+    winner: dict[str, Any] | None = None  # {"path", "trial", "metrics", "step", "evaluation"} from winner/aigc.json
     started: float | None = None  # unix time of the first trial start
 
     @property
@@ -210,18 +219,19 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
             first = results[0]
             starts.append((first.get("timestamp") or 0) - (first.get("time_total_s") or 0))
         best_dir = run_dir / BEST_DIR / METADATA
+        evaluation = json.loads(best_dir.read_text()).get("evaluation") if best_dir.is_file() else None
         trials.append(TrialRecord(
             trial_id=tid, status=status, params=params, history=hist, error=err, error_text=err_text,
             asha_stop_step=(stop or {}).get("step"), wall_s=wall, cpu_hours=wall * cpus / 3600,
             gpu_hours=wall * gpus / 3600, num_failures=int(st.get("num_failures") or 0),
-            model_dir=str(best_dir.parent) if best_dir.is_file() else None,
+            model_dir=str(best_dir.parent) if best_dir.is_file() else None, evaluation=evaluation,
         ))
     trials.sort(key=lambda t: (t.best_val_loss is None, t.best_val_loss if t.best_val_loss is not None else 0, t.trial_id))
     winner = None
     if (sdir / WINNER_DIR / METADATA).is_file():
         meta = json.loads((sdir / WINNER_DIR / METADATA).read_text())
         winner = {"path": str(sdir / WINNER_DIR), "trial": meta.get("trial"), "metrics": meta.get("metrics", {}),
-                  "step": meta.get("step")}
+                  "step": meta.get("step"), "evaluation": meta.get("evaluation")}
     return SearchData(str(sdir), config, trials, winner, min(starts) if starts else None)
 
 
