@@ -80,6 +80,12 @@ def tiny_model_dir(tmp_path_factory):
     return save_model_dir(model, tok, out, config={"test": True}, metrics={}, step=0)
 
 
+# The mechanics tests (ZeRO stages, resume, jobs, search, autoscaling, output) run the plain-text path on a random
+# tiny GPT-2 built from the config: cheap, and independent of the pre-trained base. The shipped configs fine-tune the
+# embedded base on the brief -> ad task; that path is tested with the `embedded_base` fixture below.
+TEXT_RANDOM = ["data.format=text", "model.name_or_path=null"]
+
+
 class EmbeddedBase(NamedTuple):
     path: str  # the cached base's model directory
     overrides: list[str]  # config overrides under which `model.name_or_path: embedded` resolves to `path`

@@ -265,7 +265,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     task = task_eval_inputs(cfg, prepared.splits)
     if cfg.run.evaluate:
         out.evaluation = evaluate_before_after(cfg, base, best_dir, packed, task)
-        _record_evaluation(best_dir, out.evaluation)
+        record_evaluation(best_dir, out.evaluation)
         print_comparison(out.evaluation)
     if cfg.run.samples:
         out.samples = sample_generations(best_dir, cfg.run.samples, task=task)
@@ -295,7 +295,7 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
     return {"base": before, "finetuned": after}
 
 
-def _record_evaluation(model_dir: str, evaluation: dict) -> None:
+def record_evaluation(model_dir: str, evaluation: dict) -> None:
     """Add the before/after evaluation to the model directory's metadata (the weights are untouched)."""
     from aigc.modeldir import METADATA, read_metadata
 

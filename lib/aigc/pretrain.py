@@ -73,15 +73,13 @@ def _pretrain_run(p: PretrainConfig, run: RunConfig, scaling: ScalingConfig) -> 
 
 
 def base_fingerprint(p: PretrainConfig) -> str:
-    """sha256 of the canonical JSON of everything that changes the base's weights: the recipe and the data,
-    model, optimisation and validation sections of its pre-training run (not paths, names, scaling, or the
-    model.pretrain defaults it does not use). The same recipe gives the same fingerprint on every machine and
-    worker count (the global batch is fixed); any change to it a new one."""
-    one_worker = p.model_copy(update={"num_workers": 1})  # the per-worker micro-batch follows the worker count
-    sections = _pretrain_run(one_worker, RunConfig(), ScalingConfig()).model_dump(
-        mode="json", include={"data", "model", "optim", "eval"}, exclude={"model": {"pretrain"}})
-    # the corpus is generated, so its grammar is part of what the weights learned
-    blob = json.dumps({"recipe": RECIPE, "grammar": DEFAULT_GRAMMAR.fingerprint(), **sections}, sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of what changes the base's weights: the recipe (`model.pretrain` without
+    `num_workers`: the global batch is fixed, so any worker count gives the same base), the grammar the corpus
+    is drawn from, and `RECIPE`, the version of how `_pretrain_run` turns a recipe into a run (bump it when that
+    changes). Not the whole derived run config: a new, defaulted field elsewhere must not invalidate every base."""
+    recipe = p.model_dump(mode="json", exclude={"num_workers"})
+    blob = json.dumps({"recipe": RECIPE, "grammar": DEFAULT_GRAMMAR.fingerprint(), "pretrain": recipe},
+                      sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

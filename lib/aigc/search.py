@@ -27,7 +27,18 @@ from ray import tune
 
 from aigc import console, tuning
 from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
-from aigc.finetune import export_checkpoint, init_ray, prepare, run_dir_of, run_finetune
+from aigc.evaluate import task_eval_inputs
+from aigc.finetune import (
+    Prepared,
+    evaluate_before_after,
+    export_checkpoint,
+    init_ray,
+    prepare,
+    print_comparison,
+    record_evaluation,
+    run_dir_of,
+    run_finetune,
+)
 from aigc.layout import (
     ASHA_LEDGER,
     BEST_DIR,
@@ -42,7 +53,7 @@ from aigc.layout import (
     read_json_lines,
     trial_run_name,
 )
-from aigc.modeldir import ModelDirError, copy_model_dir, verify_model_dir
+from aigc.modeldir import ModelDirError, copy_model_dir, read_metadata, verify_model_dir
 from aigc.placement import (
     TRIAL_DRIVER_CPU,
     NodeType,
@@ -286,7 +297,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     cfg = cfg.model_copy(update={"base": resolve_base(cfg.base)})
 
     with PlacementGroupReaper():  # frees the reservations of trials Tune stopped (see its docstring)
-        prepared = _share_ready(prepare(cfg.base, sdir), cfg.base.scaling.num_workers)
+        full = prepare(cfg.base, sdir)
+        prepared = _share_ready(full, cfg.base.scaling.num_workers)
         check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
             tune.with_parameters(_trial, search=cfg.model_dump(mode="json"), prepared=prepared),
@@ -319,6 +331,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     interrupted = _interrupted(sdir)
 
     winner = None if interrupted else export_winner(cfg, sdir)
+    if winner and cfg.base.run.evaluate:
+        evaluate_winner(cfg.base, full, winner)
     report = write_report(sdir)
     data = report.data
     print(render_text(data), flush=True)
@@ -329,6 +343,17 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
         winner_dir=str(winner) if winner else None, report=report.files, interrupted=interrupted,
         concurrency=concurrency, resumed=resuming, errors={t.trial_id: t.error for t in data.trials if t.error},
     )
+
+
+def evaluate_winner(base_cfg: FinetuneConfig, prepared: Prepared, winner: Path) -> None:
+    """The base-vs-winner evaluation (task metrics where the data has them) into the winner's aigc.json, once:
+    trials skip evaluation to stay cheap, and a resumed search whose winner has it already does not redo it."""
+    if "evaluation" in read_metadata(winner):
+        return
+    ev = evaluate_before_after(base_cfg, prepared.base, str(winner), prepared.packed,
+                               task_eval_inputs(base_cfg, prepared.splits))
+    record_evaluation(str(winner), ev)
+    print_comparison(ev)
 
 
 def _interrupted(sdir: Path) -> bool:

@@ -40,6 +40,7 @@ import yaml
 from private_head import own_processes, stop_private_head
 
 from aigc.placement import NodeType, load_cluster, node_types, place
+from conftest import TEXT_RANDOM
 
 pytestmark = pytest.mark.integration
 
@@ -231,7 +232,7 @@ def test_finetune_that_outgrows_the_head_adds_a_node_finishes_and_the_node_goes_
         "data.embedded.n_train=600", "data.embedded.n_validation=80", "data.embedded.n_test=80",
         "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=300",
         "optim.max_steps=6", "optim.warmup_steps=1", "optim.micro_batch_size=4", "eval.every_steps=3",
-        "eval.max_batches=2", "eval.patience=null", "scaling.num_workers=2", "scaling.cpus_per_worker=2",
+        "eval.max_batches=2", "eval.patience=null", "scaling.num_workers=2", "scaling.cpus_per_worker=2", *TEXT_RANDOM,
     ])
     types = {name: NodeType(name, w["resources"], w["min_workers"], w["max_workers"])
              for name, w in fake_cluster["types"].items()}

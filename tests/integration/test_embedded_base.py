@@ -35,7 +35,7 @@ def test_the_base_is_a_trained_cached_model_directory(embedded_base, capsys):
 def test_finetune_from_the_embedded_base(embedded_base, ray_local, tmp_path, capsys):
     cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
         *embedded_base.overrides, f"run.storage_path={tmp_path}", "run.name=from-base", "run.samples=0",
-        "data.embedded={n_train: 600, n_validation: 100, n_test: 100, seed: 0}", "data.block_size=64",
+        "data.format=text", "data.embedded={n_train: 600, n_validation: 100, n_test: 100, seed: 0}", "data.block_size=64",
         "optim.max_steps=10", "optim.warmup_steps=2", "optim.lr=1e-3", "eval.every_steps=10",
     ])
     result = finetune(cfg)

@@ -14,6 +14,7 @@ import torch
 from aigc.config import FinetuneConfig, load_config
 from aigc.finetune import read_metrics_log, run_finetune
 from aigc.modeldir import METADATA, verify_model_dir
+from conftest import TEXT_RANDOM
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "data.embedded.n_train=1500", "data.embedded.n_validation=200", "data.embedded.n_test=200", "data.block_size=64",
     "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2", "optim.lr=5e-3",
-    "eval.log_every=10", "eval.keep_top_k=10", "eval.patience=null", "run.samples=1",
+    "eval.log_every=10", "eval.keep_top_k=10", "eval.patience=null", "run.samples=1", *TEXT_RANDOM,
 ]
 
 

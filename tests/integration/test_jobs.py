@@ -16,13 +16,15 @@ import pytest
 from private_head import stop_private_head
 from test_output import noise_lines
 
+from conftest import TEXT_RANDOM
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB = ["jobs/finetune.py", "--config", "jobs/configs/tiny-cpu.yaml"]
 SMALL = ["data.embedded.n_train=1200", "data.embedded.n_validation=150", "data.embedded.n_test=150",
          "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.max_steps=20",
-         "optim.warmup_steps=2", "eval.every_steps=10", "run.samples=1"]
+         "optim.warmup_steps=2", "eval.every_steps=10", "run.samples=1", *TEXT_RANDOM]
 
 
 def free_port() -> int:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TEXT_RANDOM
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 JOB = [sys.executable, "jobs/finetune.py", "--config", "jobs/configs/tiny-cpu.yaml",
        "data.embedded.n_train=1200", "data.embedded.n_validation=150", "data.embedded.n_test=150",
        "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2",
-       "eval.every_steps=10", "eval.log_every=5"]
+       "eval.every_steps=10", "eval.log_every=5", *TEXT_RANDOM]
 
 # What `make demo` printed before aigc.console (one signature per kind of noise, from the library that
 # printed it): none of these may reach the default output.
