@@ -48,6 +48,13 @@ KNOWN_LOG_RECORDS: list[tuple[str, str]] = [
     ("ray._private.authentication.authentication_token_setup", r"Token authentication is enabled for this Ray"),
     # Ray Data warns once per process because init_ray turns its bars off (job logs are files, not terminals).
     ("ray.data._internal.progress", r"Progress bars disabled\. To enable, set"),
+    # Ray Data warns when a dataset runs while Train's workers hold every CPU; aigc materialises the blocks before
+    # the workers start and feeds them from the object store, so nothing waits on a CPU (the run goes on).
+    ("ray.data.dataset", r"The Ray cluster currently does not have any available CPUs"),
+    # transformers 5 warns once when a batch's first or last token is the pad id and no attention_mask is given:
+    # packed blocks carry per-example position_ids instead (the block-diagonal mask comes from them, see
+    # aigc.taskdata) and their tail is EOS padding with labels -100.
+    ("transformers.modeling_utils", r"We strongly recommend passing in an `attention_mask`"),
     # transformers 5 warns that GPT-2's config carries loss_type=None; it then uses the causal-LM loss we want.
     ("transformers.modeling_utils", r"`loss_type=None` was set in the config but it is unrecognized"),
 ]
