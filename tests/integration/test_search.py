@@ -37,7 +37,7 @@ def _overrides(storage: Path) -> list[str]:
         "space.lr={kind: choice, values: [3.0e-3, 1.0e-2, 1.0e-4, 5.0e-5], low: null, high: null}",
         "space.weight_decay={kind: choice, values: [0.01]}",
         "space.dropout={kind: choice, values: [0.0], low: null, high: null}",
-        "base.data.format=text", "base.model.name_or_path=null",
+        "base.data.format=text", "base.model.name_or_path=null", "base.data.block_size=128",
         "base.data.embedded={n_train: 1500, n_validation: 150, n_test: 50, seed: 0}",
         f"base.optim.max_steps={MAX_STEPS}", f"base.eval.every_steps={EVERY}", "base.optim.warmup_steps=5",
         "base.eval.log_every=20",

@@ -39,6 +39,9 @@ from aigc.tuning import searcher
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "tune" / "configs").glob("*.yaml"))
 TINY = ROOT / "tune" / "configs" / "tiny-cpu.yaml"
+# The expected messages below name numbers: pin the trial length they follow from (60 steps, validated every 10 =
+# 6 rounds, 5 warmup steps) rather than the shipped config's, which is sized for the task.
+ROUNDS_6 = ["base.optim.max_steps=60", "base.eval.every_steps=10", "base.optim.warmup_steps=5"]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -102,13 +105,13 @@ def test_gpt2_config_is_gpt2_on_gpus_zero2_bf16():
 )
 def test_invalid_search_rejected_with_full_key(overrides, key):
     with pytest.raises(ConfigError) as e:
-        load_config(SearchConfig, TINY, overrides)
+        load_config(SearchConfig, TINY, [*ROUNDS_6, *overrides])
     assert any(p.startswith(key) for p in e.value.problems), e.value.problems
 
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        load_config(SearchConfig, TINY, ["space.lr.low=0.1", "space.lr.high=0.01", "space.dropout.high=1.5",
+        load_config(SearchConfig, TINY, [*ROUNDS_6, "space.lr.low=0.1", "space.lr.high=0.01", "space.dropout.high=1.5",
                                          "base.optim.warmup_steps=100"])
     keys = {p.split(":")[0] for p in e.value.problems}
     assert keys >= {"space.lr.low", "space.dropout.high", "base.optim.warmup_steps"}
@@ -161,8 +164,9 @@ def test_grid_space_is_the_product_of_the_candidates():
 def test_random_space_uses_log_and_uniform_domains():
     from ray.tune.search.sample import Categorical, Float
 
-    space = tune_space(load_config(SearchConfig, TINY))
-    assert isinstance(space["lr"], Float) and space["lr"].lower == 1e-4 and space["lr"].upper == 3e-2
+    cfg = load_config(SearchConfig, TINY)
+    space = tune_space(cfg)
+    assert isinstance(space["lr"], Float) and space["lr"].lower == cfg.space.lr.low and space["lr"].upper == cfg.space.lr.high
     assert "LogUniform" in type(space["lr"].sampler).__name__
     assert isinstance(space["weight_decay"], Categorical) and 0.0 in space["weight_decay"].categories
 
@@ -280,15 +284,15 @@ def test_resume_refuses_a_changed_search_but_allows_operational_changes(tmp_path
     assert check_resume(cfg, sdir) is False  # nothing there yet
     sdir.mkdir(parents=True)
     (sdir / "search.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    changed = load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.01"])
+    changed = load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.009"])
     assert check_resume(changed, sdir) is False  # never reached Tune (e.g. a data error): start again
     (sdir / "tune").mkdir()
     (sdir / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     assert check_resume(load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "search.max_concurrent=1"]),
                         sdir) is True
     with pytest.raises(ConfigError) as e:
-        check_resume(load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.01"]), sdir)
-    assert any(p.startswith("space.lr.high: 0.03") for p in e.value.problems)
+        check_resume(load_config(SearchConfig, TINY, [f"search.storage_path={tmp_path}", "space.lr.high=0.009"]), sdir)
+    assert any(p.startswith(f"space.lr.high: {cfg.space.lr.high}") for p in e.value.problems)
 
 
 def test_a_trial_that_ended_just_before_an_interrupt_is_not_run_again(tmp_path):
