@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from aigc.config import DataConfig, FinetuneConfig
+from aigc.config import DataSection, FinetuneConfig
 from aigc.data import model_inputs
 from aigc.generation import SamplingParams, generate, max_positions
 from aigc.taskdata import NO_LOSS, TOO_LONG, _rows, encode_example, fit_example, pad_id
@@ -120,7 +120,7 @@ def task_prompt(row: dict[str, Any], tokenizer: Any, fmt: str) -> tuple[str, lis
     return row["prompt"], ids[:train.index(True)]
 
 
-def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataConfig,
+def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataSection,
                     batch_size: int = 16) -> list[float | None]:
     """-ln p(completion tokens | prompt) per example, in nats: the tokens training puts loss on (the
     completion / assistant turns and their EOS), encoded and truncated by the training encoder
@@ -142,7 +142,7 @@ def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any
     return out
 
 
-def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataConfig,
+def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataSection,
                      n: int, max_tokens: int, seed: int = 0) -> list[dict[str, str]]:
     """Greedy and sampled (temperature 1.0, seed `seed + i` for prompt i) completions for the first `n`
     examples whose prompt leaves the model room to answer, through the one generation path; each
@@ -168,7 +168,7 @@ def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, An
 
 
 def task_metrics(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], train_completions: Sequence[str],
-                 data_cfg: DataConfig, n: int, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+                 data_cfg: DataSection, n: int, max_tokens: int, seed: int = 0) -> dict[str, Any]:
     """The task half of an evaluation (see the module docstring).
 
     Always: `completion_examples` scored and `completion_nats_per_example`; with every scored row carrying its
@@ -209,7 +209,7 @@ class TaskEval:
 
     examples: list[dict[str, Any]]  # canonical test rows (prompt/completion or messages), `nats` where known
     train_completions: list[str]  # for memorisation
-    data: DataConfig
+    data: DataSection
     n: int  # prompts generated from (eval.task_examples)
     max_tokens: int  # eval.task_max_tokens
     seed: int = 0

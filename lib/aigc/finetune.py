@@ -214,9 +214,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     """
     console.setup()
     import ray
-    from ray.train import CheckpointConfig, FailureConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = run_dir_of(cfg)
@@ -230,9 +228,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base},
-        scaling_config=RayScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        run_config=RayRunConfig(
+        run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(run_dir.parent) if "://" not in cfg.run.storage_path else cfg.run.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.eval.keep_top_k, checkpoint_score_attribute="val_loss",
