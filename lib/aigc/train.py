@@ -74,8 +74,8 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
 
 
 @dataclass
-class Engine:
-    """A worker's DeepSpeed engine and what the loop needs beside it."""
+class WorkerModel:
+    """One worker's model as it trains: its DeepSpeed engine (`engine`) and what the loop needs beside it."""
 
     engine: Any
     scheduler: Any
@@ -89,7 +89,7 @@ class Engine:
         return "bf16" if self.ds_config["bf16"]["enabled"] else "fp16" if self.ds_config["fp16"]["enabled"] else "fp32"
 
 
-def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
+def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> WorkerModel:
     """Load the base model through the shared loader, apply dropout, gradient checkpointing and freezing,
     and `deepspeed.initialize` it with this run's ZeRO config on the current process group. On a GPU
     (scaling.use_gpu) the engine lives on this process's CUDA device, in bf16 where the GPU has it."""
@@ -118,7 +118,7 @@ def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
         model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
         lr_scheduler=make_scheduler(o),
     )
-    return Engine(engine, scheduler, tokenizer, ds_cfg, trainable, total)
+    return WorkerModel(engine, scheduler, tokenizer, ds_cfg, trainable, total)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -129,7 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     o, ev = cfg.optim, cfg.eval
-    built = build_engine(cfg, config["base"], world)
+    built = build_worker_model(cfg, config["base"], world)
     engine, scheduler, tokenizer, ds_cfg = built.engine, built.scheduler, built.tokenizer, built.ds_config
     print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {built.trainable:,}/{built.total:,} params trainable | "
            f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | precision {built.precision}")
