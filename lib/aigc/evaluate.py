@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from aigc.config import DataSection, FinetuneConfig
+from aigc.corpus import ensure_embedded_corpus
 from aigc.data import model_inputs
 from aigc.generation import SamplingParams, generate, max_positions
+from aigc.modeldir import load_model
 from aigc.taskdata import NO_LOSS, TOO_LONG, _rows, encode_example, fit_example, pad_id
 from aigc.taskmetrics import (
     distinct_n,
@@ -233,8 +235,6 @@ def task_eval_inputs(cfg: FinetuneConfig, splits: Any) -> TaskEval | None:
     test = splits.test.to_list()
     d = cfg.data
     if d.source == "embedded":
-        from aigc.data import ensure_embedded_corpus
-
         files = [ensure_embedded_corpus(d)["test"]]
     else:  # a carved test split comes from the train files
         files = (d.test_files or d.train_files) if d.source == "files" else []
@@ -259,8 +259,6 @@ def evaluate_model(
     """Test loss/perplexity of a model (loaded through the shared loader) over the packed test blocks; with
     `docs` carrying their exact `nats` (the embedded text corpus), the ratio model nats / true nats (1.0 is
     the floor); with `task`, the task metrics of :func:`task_metrics`."""
-    from aigc.modeldir import load_model
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(path, require_metadata=require_metadata)
     loss, tokens = block_loss(loaded.model, test_blocks.iter_torch_batches(batch_size=batch_size, dtypes=torch.long))

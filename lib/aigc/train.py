@@ -17,10 +17,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray.train
+import torch
+import torch.distributed as dist
+
 from aigc import console
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
+from aigc.modeldir import load_model
+from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
+from aigc.schedule import make_scheduler
 from aigc.template import ensure_chat_template
+from aigc.zero import deepspeed_config
 
 CKPT_TAG = "ds"  # DeepSpeed tag inside every reported checkpoint: <ckpt>/ds/...
 HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export needs nothing else
@@ -29,8 +37,6 @@ HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export n
 def print0(*args: Any) -> None:
     """Log on rank 0 only (nanochat's print0). Written straight to the process's stdout: Train V2 patches
     `print` into its logger, which tees to stdout again, so a plain print shows every line twice."""
-    import ray.train
-
     if ray.train.get_context().get_world_rank() == 0:
         console.Progress.write(" ".join(map(str, args)))
 
@@ -41,9 +47,6 @@ def _fmt_secs(s: float) -> str:
 
 
 def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -55,8 +58,6 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
 
     Every rank runs the same number of forwards (equal shards), which ZeRO-3's parameter gathering needs.
     """
-    import torch
-
     engine.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -93,14 +94,11 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> Worke
     """Load the base model through the shared loader, apply dropout, gradient checkpointing and freezing,
     and `deepspeed.initialize` it with this run's ZeRO config on the current process group. On a GPU
     (scaling.use_gpu) the engine lives on this process's CUDA device, in bf16 where the GPU has it."""
+    # read when DeepSpeed builds or loads an op (torch.utils.cpp_extension, in deepspeed.initialize), not at import
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
+    # on call, in the worker: the driver imports this module too, and importing DeepSpeed detects the accelerator
+    # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
     import deepspeed
-    import torch
-
-    from aigc.modeldir import load_model
-    from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
-    from aigc.schedule import make_scheduler
-    from aigc.zero import deepspeed_config
 
     o = cfg.optim
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -124,8 +122,6 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> Worke
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
     cfg = FinetuneConfig.model_validate(config["cfg"])
-    import ray.train
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     o, ev = cfg.optim, cfg.eval
