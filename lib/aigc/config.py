@@ -40,7 +40,7 @@ class EmbeddedCorpus(Strict):
     seed: int = Field(0, description="seed of the grammar sampler")
 
 
-class DataConfig(Strict):
+class DataSection(Strict):
     """Where the text comes from and how it becomes fixed-length training blocks."""
 
     source: Literal["embedded", "files", "hub"] = Field(
@@ -100,7 +100,7 @@ class DataConfig(Strict):
     embedded: EmbeddedCorpus = Field(default_factory=EmbeddedCorpus, description="the generated corpus (source embedded)")
 
     @model_validator(mode="after")
-    def _keys_fit_the_format(self) -> DataConfig:
+    def _keys_fit_the_format(self) -> DataSection:
         """A key changed for another format would be silently ignored; say so instead. (Compared with the
         defaults, not `model_fields_set`: a dumped and re-validated config sets every key.)"""
         only = {"text": ("text_column",), "chat": ("messages_column",),
@@ -134,7 +134,7 @@ EMBEDDED_BASE = "embedded"
 MIN_POSITIONS = 256
 
 
-class PretrainConfig(Strict):
+class PretrainRecipe(Strict):
     """The embedded base (`model.name_or_path: embedded`): a tiny GPT-2 pre-trained on unconditional ad copy,
     its BPE tokenizer trained there, cached under `run.base_cache` by a hash of this section (without
     `num_workers`), so it is built once per machine. Sized so that pre-training takes a few minutes on 2 cores:
@@ -161,7 +161,7 @@ class PretrainConfig(Strict):
     )
 
 
-class ModelConfig(Strict):
+class ModelSection(Strict):
     """The base model: a hub id or local directory for `from_pretrained`, the embedded pre-trained base, or a
     tiny GPT-2 built from `arch`."""
 
@@ -171,7 +171,7 @@ class ModelConfig(Strict):
                           "on the train split"
     )
     arch: TinyArch = Field(default_factory=TinyArch, description="the tiny GPT-2 built when name_or_path is None")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig,
+    pretrain: PretrainRecipe = Field(default_factory=PretrainRecipe,
                                      description="how the embedded base is pre-trained (model.name_or_path=embedded)")
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="residual/attention/embedding dropout; None keeps the model's own"
@@ -185,7 +185,7 @@ class ModelConfig(Strict):
 # ------------------------------------------------------------------------------------- optimisation
 
 
-class OptimConfig(Strict):
+class OptimSection(Strict):
     """AdamW with decoupled weight decay (none on biases and norms), warmup then decay."""
 
     lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak learning rate, reached at the end of warmup")
@@ -207,7 +207,7 @@ class OptimConfig(Strict):
     seed: int = Field(0, description="seed of torch on every worker, the tiny model's weight init and the data shuffle")
 
 
-class ZeroConfig(Strict):
+class ZeroSection(Strict):
     """DeepSpeed ZeRO: what is partitioned across workers and what is offloaded to host memory."""
 
     stage: Literal[0, 1, 2, 3] = Field(
@@ -218,7 +218,7 @@ class ZeroConfig(Strict):
     overlap_comm: bool = Field(True, description="overlap gradient reduction with backward")
 
 
-class ScalingConfig(Strict):
+class ScalingSection(Strict):
     """Ray Train workers: one DeepSpeed rank each."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed ranks, data-parallel)")
@@ -228,7 +228,7 @@ class ScalingConfig(Strict):
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
 
 
-class EvalConfig(Strict):
+class EvalSection(Strict):
     """Periodic validation, early stopping and checkpoint retention; the size of the task evaluation."""
 
     every_steps: int = Field(50, ge=1, description="validate (and checkpoint) every N optimizer steps")
@@ -247,7 +247,7 @@ class EvalConfig(Strict):
     )
 
 
-class RunConfig(Strict):
+class RunSection(Strict):
     """Names and storage: re-running the same name continues from its latest checkpoint."""
 
     name: str = Field(
@@ -271,13 +271,13 @@ class RunConfig(Strict):
 class FinetuneConfig(Strict):
     """Everything one fine-tuning run needs; `jobs/finetune.py` loads it."""
 
-    run: RunConfig = Field(default_factory=RunConfig, description="the run's name, storage and final steps")
-    data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from, how it is blocked")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model and what of it trains")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer, schedule, batch and precision")
-    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="DeepSpeed ZeRO partitioning and offload")
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers and their resources")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="validation, early stopping, checkpoints kept")
+    run: RunSection = Field(default_factory=RunSection, description="the run's name, storage and final steps")
+    data: DataSection = Field(default_factory=DataSection, description="where the text comes from, how it is blocked")
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model and what of it trains")
+    optim: OptimSection = Field(default_factory=OptimSection, description="optimizer, schedule, batch and precision")
+    zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO partitioning and offload")
+    scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers and their resources")
+    eval: EvalSection = Field(default_factory=EvalSection, description="validation, early stopping, checkpoints kept")
 
     def problems(self) -> list[str]:
         """Cross-field checks that no single field can make; each names the keys involved."""
@@ -318,7 +318,7 @@ class FinetuneConfig(Strict):
         return out
 
 
-def _pretrain_problems(p: PretrainConfig, block_size: int) -> list[str]:
+def _pretrain_problems(p: PretrainRecipe, block_size: int) -> list[str]:
     """What the embedded base's own recipe must satisfy (checked when a config fine-tunes from it)."""
     out, key = [], "model.pretrain"
     if p.arch.n_embd % p.arch.n_head:

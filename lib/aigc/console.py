@@ -23,6 +23,8 @@ import sys
 import warnings
 from typing import Any
 
+from tqdm import tqdm
+
 LEVEL_ENV = "AIGC_LOG_LEVEL"
 PROGRESS_ENV = "AIGC_PROGRESS"  # "bar" | "lines": chosen by the driver (is its stdout a terminal), read by workers
 LEVELS = ("info", "debug")
@@ -208,7 +210,7 @@ def train_logging() -> Any:
     lines on the console; Ray's session log files keep everything), Train's default at debug."""
     if verbose():
         return None
-    from ray.train import LoggingConfig
+    from ray.train import LoggingConfig  # on call: this module runs before Ray is imported (see the top)
 
     return LoggingConfig(log_level="WARNING")
 
@@ -249,12 +251,10 @@ class Progress:
 
 def _make_bar(total: int, desc: str) -> Any:
     """Ray's tqdm_ray inside Ray (a worker sends its state to the driver, which draws it), else plain tqdm."""
-    import ray
+    import ray  # on call: this module runs before Ray is imported (see the top)
 
     if ray.is_initialized():
         from ray.experimental import tqdm_ray
 
         return tqdm_ray.tqdm(total=total, desc=desc, unit="step")
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -38,7 +38,7 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from aigc.adwords import BRANDS, CATEGORIES, TONES
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.grammar import Choice, Grammar
 
 SPLITS = ("train", "validation", "test")  # the splits written here, and the ones every loader reads
@@ -344,7 +344,7 @@ def write_task_corpus(
 # ------------------------------------------------------------------------------------------- the cache
 
 
-def embedded_corpus_dir(cfg: DataConfig) -> Path:
+def embedded_corpus_dir(cfg: DataSection) -> Path:
     """The embedded corpus is generated once per (grammar, kind, seed, sizes) into the user's cache and then read
     as files. `data.format` picks the kind: plain ads for `text` (pre-training), brief -> ad rows otherwise."""
     e = cfg.embedded
@@ -353,7 +353,7 @@ def embedded_corpus_dir(cfg: DataConfig) -> Path:
     return root / f"{kind}-{DEFAULT_GRAMMAR.fingerprint()}-seed{e.seed}-{e.n_train}-{e.n_validation}-{e.n_test}"
 
 
-def ensure_embedded_corpus(cfg: DataConfig) -> dict[str, str]:
+def ensure_embedded_corpus(cfg: DataSection) -> dict[str, str]:
     """split -> path of the embedded corpus's jsonl file, written first if this cache does not hold it yet."""
     out = embedded_corpus_dir(cfg)
     paths = {s: str(out / f"{s}.jsonl") for s in SPLITS}

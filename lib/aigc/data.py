@@ -14,10 +14,10 @@ from typing import Any
 
 import datasets
 import numpy as np
-import ray.train
 import torch
+from ray.train import DataConfig
 
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.corpus import SPLITS, ensure_embedded_corpus
 from aigc.pii import scrub_batch
 from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
@@ -63,7 +63,7 @@ def _concat(paths: list[str], column: str) -> Any:
     return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
 
 
-def load_splits(cfg: DataConfig) -> Splits:
+def load_splits(cfg: DataSection) -> Splits:
     """Validated train/validation/test text (or task examples) from the embedded corpus, local files, or a hub
     dataset."""
     if cfg.format != "text":
@@ -143,7 +143,7 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
     return pack
 
 
-def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataConfig, docs_per_batch: int = 1000) -> PackedData:
+def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
     """Tokenise and pack every split with a distributed Ray Data map, materialise, and check the sizes."""
     if cfg.format != "text":
         return task_blocks(splits, tokenizer, cfg, docs_per_batch)
@@ -188,9 +188,9 @@ def shard_datasets(packed: PackedData, world_size: int, names: tuple[str, ...] =
     return out
 
 
-def make_data_config() -> Any:
+def make_data_config() -> DataConfig:
     """Every worker reads only the shard named after its rank, so Ray must not split anything again."""
-    return ray.train.DataConfig(datasets_to_split=[])
+    return DataConfig(datasets_to_split=[])
 
 
 # ----------------------------------------------------------------------------------- batches -> model

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-from aigc.config import DataConfig, FinetuneConfig
+from aigc.config import DataSection, FinetuneConfig
+from aigc.corpus import ensure_embedded_corpus
 from aigc.data import model_inputs
 from aigc.generation import SamplingParams, generate, max_positions
+from aigc.modeldir import load_model
 from aigc.taskdata import NO_LOSS, TOO_LONG, _rows, encode_example, fit_example, pad_id
 from aigc.taskmetrics import (
     distinct_n,
@@ -120,7 +122,7 @@ def task_prompt(row: dict[str, Any], tokenizer: Any, fmt: str) -> tuple[str, lis
     return row["prompt"], ids[:train.index(True)]
 
 
-def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataConfig,
+def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataSection,
                     batch_size: int = 16) -> list[float | None]:
     """-ln p(completion tokens | prompt) per example, in nats: the tokens training puts loss on (the
     completion / assistant turns and their EOS), encoded and truncated by the training encoder
@@ -142,7 +144,7 @@ def completion_nats(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any
     return out
 
 
-def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataConfig,
+def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], data_cfg: DataSection,
                      n: int, max_tokens: int, seed: int = 0) -> list[dict[str, str]]:
     """Greedy and sampled (temperature 1.0, seed `seed + i` for prompt i) completions for the first `n`
     examples whose prompt leaves the model room to answer, through the one generation path; each
@@ -168,7 +170,7 @@ def task_generations(model: Any, tokenizer: Any, examples: Sequence[dict[str, An
 
 
 def task_metrics(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], train_completions: Sequence[str],
-                 data_cfg: DataConfig, n: int, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+                 data_cfg: DataSection, n: int, max_tokens: int, seed: int = 0) -> dict[str, Any]:
     """The task half of an evaluation (see the module docstring).
 
     Always: `completion_examples` scored and `completion_nats_per_example`; with every scored row carrying its
@@ -209,7 +211,7 @@ class TaskEval:
 
     examples: list[dict[str, Any]]  # canonical test rows (prompt/completion or messages), `nats` where known
     train_completions: list[str]  # for memorisation
-    data: DataConfig
+    data: DataSection
     n: int  # prompts generated from (eval.task_examples)
     max_tokens: int  # eval.task_max_tokens
     seed: int = 0
@@ -233,8 +235,6 @@ def task_eval_inputs(cfg: FinetuneConfig, splits: Any) -> TaskEval | None:
     test = splits.test.to_list()
     d = cfg.data
     if d.source == "embedded":
-        from aigc.data import ensure_embedded_corpus
-
         files = [ensure_embedded_corpus(d)["test"]]
     else:  # a carved test split comes from the train files
         files = (d.test_files or d.train_files) if d.source == "files" else []
@@ -259,8 +259,6 @@ def evaluate_model(
     """Test loss/perplexity of a model (loaded through the shared loader) over the packed test blocks; with
     `docs` carrying their exact `nats` (the embedded text corpus), the ratio model nats / true nats (1.0 is
     the floor); with `task`, the task metrics of :func:`task_metrics`."""
-    from aigc.modeldir import load_model
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(path, require_metadata=require_metadata)
     loss, tokens = block_loss(loaded.model, test_blocks.iter_torch_batches(batch_size=batch_size, dtypes=torch.long))

@@ -14,13 +14,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from aigc import console
 from aigc.comparison import comparison_rows, example_lines
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
+from aigc.corpus import ensure_embedded_corpus
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
 from aigc.evaluate import TaskEval, evaluate_model, task_eval_inputs, task_prompt
 from aigc.generation import SamplingParams, generate
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
+from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
+from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
 from aigc.taskdata import training_texts
 from aigc.template import ensure_chat_template
@@ -43,32 +52,23 @@ def init_ray(address: str | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`) or a running `ray start` head, else
     start a local Ray. Token auth (Ray 2.60) is read from RAY_AUTH_MODE/RAY_AUTH_TOKEN by Ray itself. Every
     worker process runs aigc.console's setup hook, so it prints at the driver's AIGC_LOG_LEVEL."""
-    console.setup()  # before `import ray`: Ray reads its log knobs at import
-    import ray
-
+    console.setup()  # idempotent; the entry points ran it before importing Ray (Ray reads its log knobs at import)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, runtime_env=console.runtime_env())
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
 
 
-def _report_log_class() -> type:
-    from ray.train import UserCallback
+class ReportLog(UserCallback):
+    """Appends every report (rank 0's metrics + checkpoint path) to `<run_dir>/metrics.jsonl`, across
+    restarts and resumed runs: the learning curve of a run, readable while it trains."""
 
-    class ReportLog(UserCallback):
-        """Appends every report (rank 0's metrics + checkpoint path) to `<run_dir>/metrics.jsonl`, across
-        restarts and resumed runs: the learning curve of a run, readable while it trains."""
+    def __init__(self, path: str):
+        self.path = path
 
-        def __init__(self, path: str):
-            self.path = path
-
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-
-    return ReportLog
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -92,9 +92,6 @@ def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
                          "aigc.pretrain.resolve_base(cfg) first (the fine-tune, search and pipeline entry points do)")
     if cfg.model.name_or_path:
         return cfg.model.name_or_path
-    from aigc.modeldir import ModelDirError, save_model_dir, verify_model_dir
-    from aigc.modeling import build_tiny_gpt2, train_tokenizer
-
     base = run_dir / BASE_DIR
     try:
         verify_model_dir(base)
@@ -132,10 +129,9 @@ def _remote_options(cfg: FinetuneConfig) -> dict[str, Any]:
 def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
     """Consolidate a reported ZeRO checkpoint (any stage, offload or not) into the model directory format
     with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights."""
+    # on call, in the export task: importing DeepSpeed detects the accelerator (on a CPU machine without
+    # DS_ACCELERATOR it prints a warning to stdout), which the driver, importing this module, must not
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from aigc.modeldir import save_model_dir
 
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
     hf = os.path.join(ckpt_dir, HF_SUBDIR)
@@ -186,8 +182,6 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
 
     Task formats also report, per split, the fraction of tokens that carry loss and how many examples were
     kept, had their prompt truncated, or were dropped (too long, or nothing left to learn)."""
-    from transformers import AutoTokenizer
-
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
     init_ray()
     texts = splits.train["text"] if cfg.data.format == "text" else training_texts(splits.train)
@@ -213,12 +207,6 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     `prepared` lets a search share one base model and one packed dataset across all its trials.
     """
     console.setup()
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig as RayScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG).write_text(to_yaml(cfg))
@@ -230,16 +218,16 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base},
-        scaling_config=RayScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        run_config=RayRunConfig(
+        run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(run_dir.parent) if "://" not in cfg.run.storage_path else cfg.run.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.eval.keep_top_k, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             logging_config=console.train_logging(),
-            callbacks=[*([_report_log_class()(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
+            callbacks=[*([ReportLog(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
                        *(callbacks or [])],
         ),
         datasets=shard_datasets(packed, sc.num_workers),
@@ -280,12 +268,8 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
     """The base and the fine-tuned model evaluated side by side on the test split, one Ray task each: test
     loss/perplexity, and the grammar-entropy ratio (embedded text) or the task metrics (`task`, from
     `aigc.evaluate.task_eval_inputs`: completion nats / floor, validity, fidelity, diversity)."""
-    import ray
-
     docs = None
     if cfg.data.source == "embedded" and cfg.data.format == "text":
-        from aigc.data import ensure_embedded_corpus
-
         docs = _read_docs(ensure_embedded_corpus(cfg.data)["test"])
     remote = ray.remote(evaluate_model).options(**_remote_options(cfg))
     base_is_aigc = os.path.isfile(os.path.join(base, "aigc.json"))
@@ -297,8 +281,6 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
 
 def record_evaluation(model_dir: str, evaluation: dict) -> None:
     """Add the before/after evaluation to the model directory's metadata (the weights are untouched)."""
-    from aigc.modeldir import METADATA, read_metadata
-
     meta = read_metadata(model_dir)
     meta["evaluation"] = evaluation
     tmp = os.path.join(model_dir, f".{METADATA}.tmp")
@@ -328,8 +310,6 @@ def sample_generations(model_dir: str, n: int, max_tokens: int = 40, task: TaskE
     """A few generations (temperature 0.7, top-p 0.95) from a model directory through the shared generation
     path: from the text DEMO_PROMPTS, or for task data (`task`) from the first test prompts, rendered and
     tokenised as training did, with up to `task.max_tokens` new tokens."""
-    from aigc.modeldir import load_model
-
     loaded = load_model(model_dir)
     if task is None:
         texts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]

@@ -12,9 +12,9 @@ from openai import APIConnectionError, APIStatusError, InternalServerError, Open
 from ray import serve
 
 from aigc import console
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.corpus import ensure_embedded_corpus
-from aigc.pipeline_config import DeployConfig, PipelineConfig
+from aigc.pipeline_config import DeploySection, PipelineConfig
 from aigc.search import run_search
 from aigc.search_config import SearchConfig
 from aigc.serving.app import build_app
@@ -30,7 +30,7 @@ class PipelineResult:
     generations: list[dict[str, str]] = field(default_factory=list)
 
 
-def deploy(winner_dir: str, d: DeployConfig) -> str:
+def deploy(winner_dir: str, d: DeploySection) -> str:
     """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers."""
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
@@ -39,7 +39,7 @@ def deploy(winner_dir: str, d: DeployConfig) -> str:
     return f"http://{host}:{d.port}{d.route_prefix.rstrip('/')}"
 
 
-def smoke_requests(data: DataConfig, d: DeployConfig) -> list[dict[str, Any]]:
+def smoke_requests(data: DataSection, d: DeploySection) -> list[dict[str, Any]]:
     """What the smoke step sends: test-split conversations (chat) or prompts (prompt_completion), else the
     configured text prompts. Each is {"route", "prompt" (what a person reads), and "messages" or "text"}."""
     if data.format == "text":
@@ -61,7 +61,7 @@ def smoke_requests(data: DataConfig, d: DeployConfig) -> list[dict[str, Any]]:
     return out
 
 
-def smoke(url: str, d: DeployConfig, model: str, requests: list[dict[str, Any]],
+def smoke(url: str, d: DeploySection, model: str, requests: list[dict[str, Any]],
           api_key: str | None = None) -> list[dict[str, Any]]:
     """One real request per item through the official OpenAI client (greedy), retried until the app answers
     or `ready_timeout_s` passes. On embedded briefs each answer is scored: valid ad, faithful to its brief."""

@@ -16,7 +16,7 @@ from aigc.serving.args import parse_args
 WINNER_PLACEHOLDER = "<winner>"
 
 
-class DeployConfig(Strict):
+class DeploySection(Strict):
     """How the winner is served once the search is done."""
 
     app_name: str = Field("aigc", description="Serve application name; deploying again updates it in place")
@@ -38,7 +38,7 @@ class DeployConfig(Strict):
 class PipelineConfig(SearchConfig):
     """A search config (`base`, `space`, `search`) plus how to deploy the winner."""
 
-    deploy: DeployConfig = Field(default_factory=DeployConfig, description="how the winner is served once the search is done")
+    deploy: DeploySection = Field(default_factory=DeploySection, description="how the winner is served once the search is done")
 
     def problems(self) -> list[str]:
         out = super().problems()

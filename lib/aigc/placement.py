@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc import raycompat
-from aigc.config import ConfigError, ScalingConfig, read_yaml
+from aigc.config import ConfigError, ScalingSection, read_yaml
 
 Resources = dict[str, float]
 
@@ -28,18 +28,18 @@ UNBOUNDED = 10_000  # the node count planned for a type without a max (n bundles
 # ------------------------------------------------------------------------------------------- bundles
 
 
-def worker_bundle(scaling: ScalingConfig) -> Resources:
+def worker_bundle(scaling: ScalingSection) -> Resources:
     """What one Ray Train worker asks of Ray: `scaling.cpus_per_worker` CPUs, and `gpus_per_worker` GPUs
     when `use_gpu`."""
     return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
-def trial_bundles(scaling: ScalingConfig) -> tuple[Resources, list[Resources]]:
+def trial_bundles(scaling: ScalingSection) -> tuple[Resources, list[Resources]]:
     """What one search trial holds while it trains: its Tune actor's bundle, and one per Train worker."""
     return {"CPU": TRIAL_DRIVER_CPU}, [worker_bundle(scaling) for _ in range(scaling.num_workers)]
 
 
-def trial_resources(scaling: ScalingConfig) -> Resources:
+def trial_resources(scaling: ScalingSection) -> Resources:
     """The sum of a trial's bundles (what its wall time is charged at), e.g. 0.02 + 2 x 0.49 = 1.0 CPU."""
     actor, workers = trial_bundles(scaling)
     out: Resources = {}
@@ -154,7 +154,7 @@ def place(bundles: list[Resources], types: Mapping[str, NodeType], max_workers: 
 # ------------------------------------------------------------------------------------------ capacity
 
 
-def fitting_trials(nodes: list[Resources], scaling: ScalingConfig, limit: int = 10_000) -> int:
+def fitting_trials(nodes: list[Resources], scaling: ScalingSection, limit: int = 10_000) -> int:
     """How many trials' bundles the nodes hold at once, added one trial at a time as Tune starts them and
     packed as Ray's autoscaler packs (`bin_pack`; a Train worker's bundle sits on one node).
 

@@ -30,14 +30,14 @@ from pathlib import Path
 
 from aigc.config import (
     EMBEDDED_BASE,
-    DataConfig,
-    EvalConfig,
+    DataSection,
+    EvalSection,
     FinetuneConfig,
-    ModelConfig,
-    OptimConfig,
-    PretrainConfig,
-    RunConfig,
-    ScalingConfig,
+    ModelSection,
+    OptimSection,
+    PretrainRecipe,
+    RunSection,
+    ScalingSection,
     expand,
     to_yaml,
 )
@@ -58,21 +58,21 @@ def base_cache_dir(cfg: FinetuneConfig) -> Path:
     return Path(expand(cfg.run.base_cache))
 
 
-def _pretrain_run(p: PretrainConfig, run: RunConfig, scaling: ScalingConfig) -> FinetuneConfig:
+def _pretrain_run(p: PretrainRecipe, run: RunSection, scaling: ScalingSection) -> FinetuneConfig:
     """`p` as a fine-tuning config: the embedded unconditional corpus as plain text, a random GPT-2 with a
     tokenizer trained there, the best validated step kept, no early stop."""
     return FinetuneConfig(
         run=run,
-        data=DataConfig(source="embedded", format="text", block_size=p.block_size, embedded=p.corpus),
-        model=ModelConfig(name_or_path=None, arch=p.arch, dropout=p.dropout),
-        optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, max_steps=p.max_steps,
+        data=DataSection(source="embedded", format="text", block_size=p.block_size, embedded=p.corpus),
+        model=ModelSection(name_or_path=None, arch=p.arch, dropout=p.dropout),
+        optim=OptimSection(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, max_steps=p.max_steps,
                           micro_batch_size=p.batch_size // p.num_workers, grad_accum=1, seed=p.seed),
         scaling=scaling.model_copy(update={"num_workers": p.num_workers}),
-        eval=EvalConfig(every_steps=p.eval_every, patience=None, keep_top_k=1, log_every=max(1, p.eval_every // 4)),
+        eval=EvalSection(every_steps=p.eval_every, patience=None, keep_top_k=1, log_every=max(1, p.eval_every // 4)),
     )
 
 
-def base_fingerprint(p: PretrainConfig) -> str:
+def base_fingerprint(p: PretrainRecipe) -> str:
     """sha256 of the canonical JSON of what changes the base's weights: the recipe (`model.pretrain` without
     `num_workers`: the global batch is fixed, so any worker count gives the same base), the grammar the corpus
     is drawn from, and `RECIPE`, the version of how `_pretrain_run` turns a recipe into a run (bump it when that
@@ -88,7 +88,7 @@ def pretrain_config(cfg: FinetuneConfig) -> FinetuneConfig:
     evaluation or samples. It trains on `cfg.scaling` (GPUs when the task uses them) with
     `model.pretrain.num_workers` workers."""
     p = cfg.model.pretrain
-    run = RunConfig(name=f"base-{base_fingerprint(p)[:12]}", storage_path=str(base_cache_dir(cfg) / BUILD_DIR),
+    run = RunSection(name=f"base-{base_fingerprint(p)[:12]}", storage_path=str(base_cache_dir(cfg) / BUILD_DIR),
                     evaluate=False, samples=0, torch_extensions_dir=cfg.run.torch_extensions_dir, base_cache=cfg.run.base_cache)
     return _pretrain_run(p, run, cfg.scaling)
 

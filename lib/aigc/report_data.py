@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from aigc.config import ScalingConfig
+from aigc.config import ScalingSection
 from aigc.layout import (
     ASHA_LEDGER,
     BEST_DIR,
@@ -171,7 +171,7 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
         raise FileNotFoundError(f"{sdir}: not a search folder (no {SEARCH_YAML} or {TUNE_DIR}/)")
     config = yaml.safe_load((sdir / SEARCH_YAML).read_text()) if (sdir / SEARCH_YAML).is_file() else {}
     base = config.get("base") or {}
-    held = trial_resources(ScalingConfig.model_validate(base.get("scaling") or {}))
+    held = trial_resources(ScalingSection.model_validate(base.get("scaling") or {}))
     cpus, gpus = held.get("CPU", 0.0), held.get("GPU", 0.0)
     max_steps = (base.get("optim") or {}).get("max_steps")
     asha_on = ((config.get("search") or {}).get("asha") or {}).get("enabled", True)

@@ -1,4 +1,4 @@
-"""The report's plots: one PNG per view of a search, drawn with matplotlib (imported only when drawing)."""
+"""The report's plots: one PNG per view of a search, drawn with matplotlib's Agg backend (files, no display)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # set before pyplot is imported, as matplotlib asks: PNG files, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
 
 from aigc.layout import PLOTS_DIR
 from aigc.report_data import SearchData, TrialRecord, importance
@@ -17,20 +21,11 @@ STATUS_COLOURS = {"completed": "#1a7f37", "stopped by ASHA": "#9a6700", "early-s
                   "error": "#cf222e", "running": "#6639ba", "pending": "#57606a", "interrupted": "#57606a"}
 
 
-def _fig():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _fig().close(fig)
+    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -41,7 +36,7 @@ def _empty(ax: Any, text: str) -> None:
 
 
 def _colours(n: int) -> list[Any]:
-    cmap = _fig().get_cmap("tab10" if n <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
 
 
@@ -58,7 +53,6 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 
 def plot_learning_curves(data: SearchData, path: Path) -> None:
-    plt = _fig()
     fig, ax = plt.subplots(figsize=(9, 5))
     with_hist = [t for t in data.trials if t.history]
     if not with_hist:
@@ -83,7 +77,6 @@ def plot_learning_curves(data: SearchData, path: Path) -> None:
 
 
 def plot_loss_vs_hparams(data: SearchData, path: Path) -> None:
-    plt = _fig()
     names = data.param_names or ["(none)"]
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
@@ -122,7 +115,6 @@ def plot_loss_vs_hparams(data: SearchData, path: Path) -> None:
 
 
 def plot_parallel(data: SearchData, path: Path) -> None:
-    plt = _fig()
     fig, ax = plt.subplots(figsize=(9, 4.8))
     ranked = [t for t in data.trials if t.best_val_loss is not None]
     axes = data.param_names + ["best val loss"]
@@ -164,7 +156,6 @@ def plot_parallel(data: SearchData, path: Path) -> None:
 
 
 def plot_best_so_far(data: SearchData, path: Path) -> None:
-    plt = _fig()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     pts = sorted((h["timestamp"], h["val_loss"], t.trial_id) for t in data.trials for h in t.history
                  if h.get("timestamp") is not None)
@@ -186,7 +177,6 @@ def plot_best_so_far(data: SearchData, path: Path) -> None:
 
 
 def plot_importance(data: SearchData, path: Path) -> None:
-    plt = _fig()
     fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(data.param_names), 2) + 1.6))
     step, imp = importance(data)
     scored = [(n, r) for n, r in imp if not math.isnan(r)]

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from aigc.config import OptimConfig
+from aigc.config import OptimSection
 
 
-def lr_lambda(o: OptimConfig) -> Callable[[int], float]:
+def lr_lambda(o: OptimSection) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step `s`: linear warmup, then cosine/linear decay to min_lr_ratio."""
 
     def f(s: int) -> float:
@@ -27,7 +27,7 @@ def lr_lambda(o: OptimConfig) -> Callable[[int], float]:
     return f
 
 
-def make_scheduler(o: OptimConfig) -> Callable[[Any], Any]:
+def make_scheduler(o: OptimSection) -> Callable[[Any], Any]:
     """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`; DeepSpeed steps it
     once per optimizer step and saves its state in the checkpoint."""
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))

@@ -62,7 +62,7 @@ PARAMS: dict[str, _Param] = {
 }
 
 
-class SpaceConfig(Strict):
+class SpaceSection(Strict):
     """The search space; a parameter left out (null) keeps the value in `base`."""
 
     lr: ParamSpec | None = Field(
@@ -81,7 +81,7 @@ class SpaceConfig(Strict):
         return {name: spec for name in PARAMS if (spec := getattr(self, name)) is not None}
 
 
-class AshaConfig(Strict):
+class AshaSpec(Strict):
     """Asynchronous successive halving on validation loss, counted in validation rounds (eval.every_steps)."""
 
     enabled: bool = Field(True, description="false: every trial trains to base.optim.max_steps (FIFO)")
@@ -107,8 +107,8 @@ class SearchSection(Strict):
         8, ge=1, description="trials (random, optuna); for grid, how many times the whole grid is repeated"
     )
     seed: int = Field(0, description="seed of the sampler, so a search draws the same trials every time")
-    asha: AshaConfig = Field(
-        default_factory=AshaConfig, description="early stopping of the trials behind the others (ASHA)"
+    asha: AshaSpec = Field(
+        default_factory=AshaSpec, description="early stopping of the trials behind the others (ASHA)"
     )
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once; None = as many as the cluster's resources fit (never more)"
@@ -125,8 +125,8 @@ class SearchConfig(Strict):
     base: FinetuneConfig = Field(
         default_factory=FinetuneConfig, description="every trial's fine-tuning config, before the space sets its values"
     )
-    space: SpaceConfig = Field(
-        default_factory=SpaceConfig, description="the hyperparameters searched, and how each is drawn"
+    space: SpaceSection = Field(
+        default_factory=SpaceSection, description="the hyperparameters searched, and how each is drawn"
     )
     search: SearchSection = Field(
         default_factory=SearchSection, description="how the search runs: algorithm, trials, concurrency, storage"

@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.corpus import SPLITS, ensure_embedded_corpus
 from aigc.pii import scrub_batch
 from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
@@ -83,7 +83,7 @@ def _text_field(row: dict, name: str, problems: list[str], where: str, optional:
     return row[name]
 
 
-def prompt_completion_row(row: Any, cfg: DataConfig, where: str, problems: list[str]) -> dict[str, str] | None:
+def prompt_completion_row(row: Any, cfg: DataSection, where: str, problems: list[str]) -> dict[str, str] | None:
     """{prompt, completion} of one row (input column and prompt suffix applied), or None with its problems."""
     if not isinstance(row, dict):
         problems.append(f"{where}: a row must be an object with fields, got {type(row).__name__}")
@@ -103,7 +103,7 @@ def prompt_completion_row(row: Any, cfg: DataConfig, where: str, problems: list[
     return {"prompt": prompt + cfg.prompt_suffix, "completion": completion}
 
 
-def chat_row(row: Any, cfg: DataConfig, where: str, problems: list[str]) -> dict[str, str] | None:
+def chat_row(row: Any, cfg: DataSection, where: str, problems: list[str]) -> dict[str, str] | None:
     """{messages: JSON} of one row, cut after its last assistant turn, or None with its problems. Other
     fields of the row (a brief, its nats) are ignored; so are keys of a message other than role and content."""
     col = cfg.messages_column
@@ -138,7 +138,7 @@ def chat_row(row: Any, cfg: DataConfig, where: str, problems: list[str]) -> dict
     return {"messages": json.dumps(out[:last + 1], ensure_ascii=False)}
 
 
-def _validated(rows: Iterator[tuple[str, Any]], cfg: DataConfig, what: str) -> Any:
+def _validated(rows: Iterator[tuple[str, Any]], cfg: DataSection, what: str) -> Any:
     """Validate every row; one DataError lists the first problems and counts all. Returns a Dataset of the
     canonical columns (prompt/completion or messages) plus `source` and `row` for later messages."""
     check = chat_row if cfg.format == "chat" else prompt_completion_row
@@ -158,7 +158,7 @@ def _validated(rows: Iterator[tuple[str, Any]], cfg: DataConfig, what: str) -> A
     return datasets.Dataset.from_dict(cols)
 
 
-def load_task_splits(cfg: DataConfig) -> Splits:
+def load_task_splits(cfg: DataSection) -> Splits:
     """Validated train/validation/test examples of a task format, from files or a hub dataset."""
     if cfg.source == "embedded":
         files = {s: [p] for s, p in ensure_embedded_corpus(cfg).items()}
@@ -201,7 +201,7 @@ def training_texts(ds: Any) -> Iterator[str]:
 # ---------------------------------------------------------------------------- tokenise, mask, truncate
 
 
-def fit_example(ids: list[int], train: list[bool], cfg: DataConfig) -> tuple[list[int], list[int], int]:
+def fit_example(ids: list[int], train: list[bool], cfg: DataSection) -> tuple[list[int], list[int], int]:
     """(input ids, labels, status) of one example: labels are the ids on completion tokens (everywhere with
     `train_on_prompt`) and -100 elsewhere, including the first token, which nothing before it predicts.
 
@@ -262,7 +262,7 @@ def _scrub_rows(rows: list[dict[str, Any]], fmt: str) -> dict[str, int]:
     return dict(c1 + c2)
 
 
-def make_encoder(tokenizer: Any, cfg: DataConfig) -> Callable[[dict], dict]:
+def make_encoder(tokenizer: Any, cfg: DataSection) -> Callable[[dict], dict]:
     """Ray Data map 1: canonical rows -> one row per example, ids and labels padded to block_size, with its
     length, loss-token count, status and where it came from. Ships the tokenizer by value."""
     width, pad = cfg.block_size, pad_id(tokenizer)
@@ -352,7 +352,7 @@ def make_blocker(block_size: int, packing: bool, pad: int) -> Callable[[dict], d
     return block
 
 
-def task_blocks(splits: Splits, tokenizer: Any, cfg: DataConfig, docs_per_batch: int = 1000) -> PackedData:
+def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
     """Render, tokenise, mask and truncate every example (Ray Data map 1); stop on rows that cannot be used;
     count what was dropped; then pack or pad (map 2). Everything materialised before any Train worker."""
     encode = make_encoder(tokenizer, cfg)

@@ -17,10 +17,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray.train
+import torch
+import torch.distributed as dist
+
 from aigc import console
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
+from aigc.modeldir import load_model
+from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
+from aigc.schedule import make_scheduler
 from aigc.template import ensure_chat_template
+from aigc.zero import deepspeed_config
 
 CKPT_TAG = "ds"  # DeepSpeed tag inside every reported checkpoint: <ckpt>/ds/...
 HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export needs nothing else
@@ -29,8 +37,6 @@ HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export n
 def print0(*args: Any) -> None:
     """Log on rank 0 only (nanochat's print0). Written straight to the process's stdout: Train V2 patches
     `print` into its logger, which tees to stdout again, so a plain print shows every line twice."""
-    import ray.train
-
     if ray.train.get_context().get_world_rank() == 0:
         console.Progress.write(" ".join(map(str, args)))
 
@@ -41,9 +47,6 @@ def _fmt_secs(s: float) -> str:
 
 
 def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -55,8 +58,6 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
 
     Every rank runs the same number of forwards (equal shards), which ZeRO-3's parameter gathering needs.
     """
-    import torch
-
     engine.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -74,8 +75,8 @@ def _validate(engine: Any, shard: Any, micro_batch: int, max_batches: int | None
 
 
 @dataclass
-class Engine:
-    """A worker's DeepSpeed engine and what the loop needs beside it."""
+class WorkerModel:
+    """One worker's model as it trains: its DeepSpeed engine (`engine`) and what the loop needs beside it."""
 
     engine: Any
     scheduler: Any
@@ -89,18 +90,15 @@ class Engine:
         return "bf16" if self.ds_config["bf16"]["enabled"] else "fp16" if self.ds_config["fp16"]["enabled"] else "fp32"
 
 
-def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
+def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> WorkerModel:
     """Load the base model through the shared loader, apply dropout, gradient checkpointing and freezing,
     and `deepspeed.initialize` it with this run's ZeRO config on the current process group. On a GPU
     (scaling.use_gpu) the engine lives on this process's CUDA device, in bf16 where the GPU has it."""
+    # read when DeepSpeed builds or loads an op (torch.utils.cpp_extension, in deepspeed.initialize), not at import
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
+    # on call, in the worker: the driver imports this module too, and importing DeepSpeed detects the accelerator
+    # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
     import deepspeed
-    import torch
-
-    from aigc.modeldir import load_model
-    from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
-    from aigc.schedule import make_scheduler
-    from aigc.zero import deepspeed_config
 
     o = cfg.optim
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -118,18 +116,16 @@ def build_engine(cfg: FinetuneConfig, base: str, world_size: int) -> Engine:
         model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
         lr_scheduler=make_scheduler(o),
     )
-    return Engine(engine, scheduler, tokenizer, ds_cfg, trainable, total)
+    return WorkerModel(engine, scheduler, tokenizer, ds_cfg, trainable, total)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
     cfg = FinetuneConfig.model_validate(config["cfg"])
-    import ray.train
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     o, ev = cfg.optim, cfg.eval
-    built = build_engine(cfg, config["base"], world)
+    built = build_worker_model(cfg, config["base"], world)
     engine, scheduler, tokenizer, ds_cfg = built.engine, built.scheduler, built.tokenizer, built.ds_config
     print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {built.trainable:,}/{built.total:,} params trainable | "
            f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | precision {built.precision}")

@@ -2,7 +2,7 @@
 offload), its checkpoint exported by the same `export_checkpoint` the driver uses, and the one generation
 path on the GPU. Skipped without CUDA (see conftest.py); CI has no GPU.
 
-No Ray here: the code under test is `aigc.train.build_engine` (what every Train worker calls), the
+No Ray here: the code under test is `aigc.train.build_worker_model` (what every Train worker calls), the
 DeepSpeed config builder, the exporter and `aigc.generation`, on a one-process NCCL group. Ray Train's
 placement of workers on GPUs is the autoscaling test's business (tests/integration/test_autoscaling.py).
 
@@ -85,7 +85,7 @@ def test_engine_trains_in_bf16_and_exports_what_it_trained(zero, corpus_model, p
     from aigc.config import FinetuneConfig, load_config
     from aigc.finetune import export_checkpoint
     from aigc.modeldir import load_model, verify_model_dir
-    from aigc.train import CKPT_TAG, HF_SUBDIR, build_engine
+    from aigc.train import CKPT_TAG, HF_SUBDIR, build_worker_model
 
     stage, offload = int(zero[0]), zero.endswith("offload")
     cfg = load_config(FinetuneConfig, None, [
@@ -95,7 +95,7 @@ def test_engine_trains_in_bf16_and_exports_what_it_trained(zero, corpus_model, p
         f"eval.every_steps={STEPS}",
         f"run.torch_extensions_dir={Path.home() / '.cache' / 'aigc' / 'torch_extensions'}",
     ])
-    built = build_engine(cfg, corpus_model["base"], world_size=1)
+    built = build_worker_model(cfg, corpus_model["base"], world_size=1)
     engine = built.engine
     assert built.precision == "bf16" and torch.cuda.is_bf16_supported()
     assert engine.device.type == "cuda"

@@ -143,13 +143,13 @@ def test_ray_data_packing_counts_what_the_packer_makes(ray_local, tmp_path):
 
     import numpy as np
 
-    from aigc.config import DataConfig
+    from aigc.config import DataSection
     from aigc.data import load_splits, make_packer, to_ray_blocks
     from aigc.modeling import train_tokenizer
 
     docs = [f"note {i}: write to user{i}@example.com about order {i * 7}." for i in range(300)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    cfg = DataConfig(source="files", train_files=[str(tmp_path / "d.jsonl")], split_ratios=(0.8, 0.1, 0.1),
+    cfg = DataSection(source="files", train_files=[str(tmp_path / "d.jsonl")], split_ratios=(0.8, 0.1, 0.1),
                      block_size=32, scrub_pii=True)
     splits = load_splits(cfg)
     tok = train_tokenizer(docs, vocab_size=300)

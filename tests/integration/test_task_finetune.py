@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from aigc.config import DataConfig, FinetuneConfig, load_config
+from aigc.config import DataSection, FinetuneConfig, load_config
 from aigc.corpus import sample_ads
 from aigc.data import DataError, load_splits, to_ray_blocks
 from aigc.finetune import read_metrics_log, run_finetune
@@ -83,7 +83,7 @@ def test_too_long_rows_stop_the_run_or_are_counted(ray_local, tmp_path):
     ensure_chat_template(tok)
 
     def blocks(**kw):
-        cfg = DataConfig(source="files", train_files=[f], format="chat", block_size=128, split_ratios=(0.8, 0.1, 0.1),
+        cfg = DataSection(source="files", train_files=[f], format="chat", block_size=128, split_ratios=(0.8, 0.1, 0.1),
                          split_seed=0, **kw)
         return to_ray_blocks(load_splits(cfg), tok, cfg, docs_per_batch=16)
 

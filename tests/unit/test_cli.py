@@ -58,7 +58,7 @@ def _types_in(annotation: object) -> list[object]:
 
 def test_every_config_field_has_a_description():
     models = list(_strict_models())
-    assert {m.__name__ for m in models} >= {"FinetuneConfig", "OptimConfig", "ZeroConfig", "RunConfig", "ParamSpec",
+    assert {m.__name__ for m in models} >= {"FinetuneConfig", "OptimSection", "ZeroSection", "RunSection", "ParamSpec",
                                            "SearchConfig", "ServeArgs", "LimitsArgs"}
     missing = sorted(f"{m.__module__}.{m.__name__}.{name}" for m in models
                      for name, f in m.model_fields.items() if not f.description)

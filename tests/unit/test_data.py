@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.data import DataError, load_splits, pack_ids
 
 
@@ -32,7 +32,7 @@ def write(path, rows):
 
 
 def files_cfg(tmp_path, train, **kw):
-    return DataConfig(source="files", train_files=[train], **kw)
+    return DataSection(source="files", train_files=[train], **kw)
 
 
 def test_jsonl_carved_by_ratio_with_fixed_seed(tmp_path):
@@ -51,7 +51,7 @@ def test_csv_parquet_and_txt_load(tmp_path):
     (tmp_path / "a.csv").write_text("text,label\nhello there,1\ngeneral kenobi,2\n")
     pq.write_table(pa.table({"text": ["one doc", "two doc"]}), tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_text("line one\nline two\n")
-    cfg = DataConfig(source="files", train_files=[str(tmp_path / "a.csv"), str(tmp_path / "c.txt")],
+    cfg = DataSection(source="files", train_files=[str(tmp_path / "a.csv"), str(tmp_path / "c.txt")],
                      validation_files=[str(tmp_path / "b.parquet")], test_files=[str(tmp_path / "c.txt")])
     s = load_splits(cfg)
     assert s.train["text"] == ["hello there", "general kenobi", "line one", "line two"]

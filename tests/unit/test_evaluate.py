@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aigc.comparison import comparison_rows
-from aigc.config import DataConfig, FinetuneConfig
+from aigc.config import DataSection, FinetuneConfig
 from aigc.corpus import sample_task_rows, to_prompt_completion
 from aigc.evaluate import (
     TaskEval,
@@ -62,7 +62,7 @@ def hand_nats(model, ids: list[int], scored: np.ndarray) -> float:
 def test_completion_nats_are_the_training_loss_tokens(tiny, fmt):
     # The tiny model's 128 positions hold an embedded ad but rarely its whole brief: prompts are cut from the
     # left as training cuts them, and an ad too long for any context is dropped as training drops it.
-    cfg = DataConfig(format=fmt, block_size=128, truncation="truncate_prompt_left")
+    cfg = DataSection(format=fmt, block_size=128, truncation="truncate_prompt_left")
     rows = embedded_rows(12, fmt) + (other_rows(2) if fmt == "chat" else [])  # lengths differ: padding is exercised
     got = completion_nats(tiny.model, tiny.tokenizer, rows, cfg, batch_size=4)
     assert sum(v is not None for v in got) >= 8
@@ -86,8 +86,8 @@ def test_completion_nats_are_the_training_loss_tokens(tiny, fmt):
 
 def test_completion_nats_ignore_train_on_prompt(tiny):
     rows = embedded_rows(3, "prompt_completion")
-    plain = DataConfig(format="prompt_completion", block_size=128, truncation="truncate_prompt_left")
-    with_prompt = DataConfig(format="prompt_completion", block_size=128, truncation="truncate_prompt_left",
+    plain = DataSection(format="prompt_completion", block_size=128, truncation="truncate_prompt_left")
+    with_prompt = DataSection(format="prompt_completion", block_size=128, truncation="truncate_prompt_left",
                              train_on_prompt=True)
     got = completion_nats(tiny.model, tiny.tokenizer, rows, with_prompt)
     assert any(v is not None for v in got)
@@ -114,7 +114,7 @@ class Blocks:
 
 
 def test_evaluation_of_embedded_task_has_task_scores(tiny_model_dir, tiny):
-    cfg = DataConfig(format="chat", block_size=128, truncation="truncate_prompt_left")
+    cfg = DataSection(format="chat", block_size=128, truncation="truncate_prompt_left")
     rows = embedded_rows(8, "chat")
     task = TaskEval(rows, [json.loads(r["messages"])[-1]["content"] for r in rows[:4]], cfg, n=5, max_tokens=6)
     blocks = Blocks(torch.tensor([tiny.tokenizer("Save 20% today.")["input_ids"]]))
@@ -127,7 +127,7 @@ def test_evaluation_of_embedded_task_has_task_scores(tiny_model_dir, tiny):
 
 
 def test_evaluation_of_other_task_data_has_no_validity(tiny_model_dir):
-    cfg = DataConfig(format="chat", block_size=128)
+    cfg = DataSection(format="chat", block_size=128)
     rows = other_rows(4)
     task = TaskEval(rows, [json.loads(r["messages"])[-1]["content"] for r in rows], cfg, n=4, max_tokens=5)
     blocks = Blocks(torch.tensor([[5, 6, 7, 8]]))

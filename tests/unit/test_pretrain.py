@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aigc.config import ConfigError, FinetuneConfig, PretrainConfig, load_config, to_yaml
+from aigc.config import ConfigError, FinetuneConfig, PretrainRecipe, load_config, to_yaml
 from aigc.finetune import prepare_base
 from aigc.modeldir import verify_model_dir
 from aigc.pretrain import ROLE, base_fingerprint, ensure_base, pretrain_config, resolve_base
@@ -44,9 +44,9 @@ def cache_entries(cache: Path) -> list[str]:
 
 
 def test_fingerprint_is_stable_across_processes():
-    here = base_fingerprint(PretrainConfig())
-    code = "from aigc.config import PretrainConfig; from aigc.pretrain import base_fingerprint; " \
-           "print(base_fingerprint(PretrainConfig()))"
+    here = base_fingerprint(PretrainRecipe())
+    code = "from aigc.config import PretrainRecipe; from aigc.pretrain import base_fingerprint; " \
+           "print(base_fingerprint(PretrainRecipe()))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "lib")})
     assert other.stdout.strip() == here and len(here) == 64
@@ -59,11 +59,11 @@ def test_fingerprint_is_stable_across_processes():
     {"corpus": {"n_train": 20000, "n_validation": 500, "n_test": 500, "seed": 2}},
 ])
 def test_fingerprint_changes_with_what_changes_the_weights(change):
-    assert base_fingerprint(PretrainConfig(**change)) != base_fingerprint(PretrainConfig())
+    assert base_fingerprint(PretrainRecipe(**change)) != base_fingerprint(PretrainRecipe())
 
 
 def test_fingerprint_ignores_workers_and_paths(tmp_path):
-    assert base_fingerprint(PretrainConfig(num_workers=1)) == base_fingerprint(PretrainConfig(num_workers=4))
+    assert base_fingerprint(PretrainRecipe(num_workers=1)) == base_fingerprint(PretrainRecipe(num_workers=4))
     a, b = embedded_cfg(tmp_path / "a"), embedded_cfg(tmp_path / "b", "scaling.num_workers=1", "run.name=other")
     assert base_fingerprint(a.model.pretrain) == base_fingerprint(b.model.pretrain)
 

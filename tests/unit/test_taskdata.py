@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aigc.config import DataConfig
+from aigc.config import DataSection
 from aigc.data import DataError, load_splits, model_inputs
 from aigc.modeling import EOS, train_tokenizer
 from aigc.taskdata import (
@@ -60,7 +60,7 @@ def write(path, rows):
 
 
 def cfg_for(fmt, **kw):
-    return DataConfig(source="files", train_files=["unused.jsonl"], format=fmt, **kw)
+    return DataSection(source="files", train_files=["unused.jsonl"], format=fmt, **kw)
 
 
 def labelled(tok, row, fmt, **kw):
@@ -258,22 +258,22 @@ def test_bad_rows_name_file_line_and_field(tmp_path, fmt, row, match):
     good = ({"messages": CHATS[0]} if fmt == "chat" else {"prompt": "p", "completion": "c"})
     f = write(tmp_path / "bad.jsonl", [good, row, good])
     with pytest.raises(DataError, match="bad.jsonl" + ".*" + match):
-        load_splits(DataConfig(source="files", train_files=[f], format=fmt))
+        load_splits(DataSection(source="files", train_files=[f], format=fmt))
 
 
 def test_every_bad_row_is_counted_in_one_error(tmp_path):
     f = write(tmp_path / "many.jsonl", [{"prompt": "p"}] * 15)
     with pytest.raises(DataError, match=r"15 bad row\(s\)(.|\n)*and 5 more"):
-        load_splits(DataConfig(source="files", train_files=[f], format="prompt_completion"))
+        load_splits(DataSection(source="files", train_files=[f], format="prompt_completion"))
 
 
 def test_extra_columns_are_ignored_and_alpaca_columns_map(tmp_path):
     rows = [{"messages": CHATS[0], "brief": {"product": "shoes"}, "nats": 12.5}] * 20
-    s = load_splits(DataConfig(source="files", train_files=[write(tmp_path / "c.jsonl", rows)], format="chat"))
+    s = load_splits(DataSection(source="files", train_files=[write(tmp_path / "c.jsonl", rows)], format="chat"))
     assert set(s.train.column_names) == {"messages", "source"} and len(s.train) + len(s.validation) + len(s.test) == 20
     assert json.loads(s.train["messages"][0]) == CHATS[0]
     alpaca = [{"instruction": "Write an ad", "input": "for tea" if i % 2 else "", "output": "Sip."} for i in range(20)]
-    s = load_splits(DataConfig(source="files", train_files=[write(tmp_path / "a.jsonl", alpaca)],
+    s = load_splits(DataSection(source="files", train_files=[write(tmp_path / "a.jsonl", alpaca)],
                                format="prompt_completion", prompt_column="instruction", input_column="input",
                                completion_column="output", prompt_suffix="\n", split_ratios=(1.0, 0.0, 0.0)))
     assert sorted(set(s.train["prompt"])) == ["Write an ad\n", "Write an ad\n\nfor tea\n"]
@@ -282,7 +282,7 @@ def test_extra_columns_are_ignored_and_alpaca_columns_map(tmp_path):
 def test_plain_text_files_cannot_hold_task_rows(tmp_path):
     (tmp_path / "t.txt").write_text("a line\n")
     with pytest.raises(DataError, match="t.txt: plain text has no fields"):
-        load_splits(DataConfig(source="files", train_files=[str(tmp_path / "t.txt")], format="chat"))
+        load_splits(DataSection(source="files", train_files=[str(tmp_path / "t.txt")], format="chat"))
 
 
 def test_encoder_marks_rows_whose_template_fails(tok):
@@ -304,7 +304,7 @@ def test_the_readme_examples_load_and_mask(tmp_path, tok):
     for fmt, body in (("chat", chat), ("prompt_completion", pc)):
         f = tmp_path / f"{fmt}.jsonl"
         f.write_text(body)
-        s = load_splits(DataConfig(source="files", format=fmt, train_files=[str(f)], validation_files=[str(f)],
+        s = load_splits(DataSection(source="files", format=fmt, train_files=[str(f)], validation_files=[str(f)],
                                    test_files=[str(f)]))
         assert len(s.train) == 5
         for row in s.train:
