@@ -28,7 +28,7 @@ from aigc.corpus import ensure_embedded_corpus
 from aigc.data import model_inputs
 from aigc.generation import SamplingParams, generate, max_positions
 from aigc.modeldir import load_model
-from aigc.taskdata import NO_LOSS, TOO_LONG, _rows, encode_example, fit_example, pad_id
+from aigc.taskdata import NO_LOSS, TOO_LONG, encode_example, fit_example, pad_id, read_rows
 from aigc.taskmetrics import (
     distinct_n,
     fidelity,
@@ -221,7 +221,7 @@ def _floor_nats(paths: Iterable[str], wanted: set[str]) -> dict[str, float]:
     """The exact `nats` of the rows named in `wanted`, keyed as the task loader names rows ('<file> line N')."""
     out = {}
     for path in paths:
-        for where, row in _rows(path):
+        for where, row in read_rows(path):
             if where in wanted and isinstance(row, dict) and isinstance(row.get("nats"), int | float):
                 out[where] = float(row["nats"])
     return out

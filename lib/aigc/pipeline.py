@@ -6,6 +6,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from openai import APIConnectionError, APIStatusError, InternalServerError, OpenAI
@@ -19,6 +20,7 @@ from aigc.search import run_search
 from aigc.search_config import SearchConfig
 from aigc.serving.app import build_app
 from aigc.serving.args import parse_args
+from aigc.taskdata import read_rows
 from aigc.taskmetrics import fidelity, is_embedded_task, parse_ad
 
 
@@ -46,18 +48,14 @@ def smoke_requests(data: DataSection, d: DeploySection) -> list[dict[str, Any]]:
         return [{"route": "completions", "prompt": p, "text": p} for p in d.smoke_prompts]
     path = ensure_embedded_corpus(data)["test"] if data.source == "embedded" else (data.test_files or data.train_files)[0]
     out = []
-    with open(os.path.expanduser(path)) as f:
-        for line in f:
-            if len(out) == d.smoke_examples:
-                break
-            row = json.loads(line)
-            if data.format == "chat":
-                turns = row[data.messages_column]
-                messages = turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
-                out.append({"route": "chat", "prompt": messages[-1]["content"], "messages": messages})
-            else:
-                out.append({"route": "completions", "prompt": row[data.prompt_column] + data.prompt_suffix,
-                            "text": row[data.prompt_column] + data.prompt_suffix})
+    for _, row in islice(read_rows(os.path.expanduser(path)), d.smoke_examples):
+        if data.format == "chat":
+            turns = row[data.messages_column]
+            messages = turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
+            out.append({"route": "chat", "prompt": messages[-1]["content"], "messages": messages})
+        else:
+            prompt = row[data.prompt_column] + data.prompt_suffix
+            out.append({"route": "completions", "prompt": prompt, "text": prompt})
     return out
 
 

@@ -40,7 +40,7 @@ OK, TRUNCATED, TOO_LONG, NO_LOSS, RENDER_ERROR = range(5)
 # ----------------------------------------------------------------------------------- rows and validation
 
 
-def _rows(path: str) -> Iterator[tuple[str, Any]]:
+def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     """(where, row) for every row of a local file; `where` is 'file line N' for JSON lines, else 'file row N'."""
     p, builder = check_file(path)
     if builder == "text":
@@ -179,7 +179,7 @@ def load_task_splits(cfg: DataSection) -> Splits:
         return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
 
     def load(paths: list[str]) -> Any:
-        return datasets.concatenate_datasets([_validated(_rows(p), cfg, p) for p in paths])
+        return datasets.concatenate_datasets([_validated(read_rows(p), cfg, p) for p in paths])
 
     origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}" for s in SPLITS}
     train = load(files["train"])

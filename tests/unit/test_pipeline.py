@@ -1,0 +1,27 @@
+"""The pipeline's smoke step: what it sends after deploying, per data format (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+from aigc.config import DataSection
+from aigc.pipeline import smoke_requests
+from aigc.pipeline_config import DeploySection
+from aigc.taskmetrics import is_embedded_task
+
+SMALL = {"n_train": 30, "n_validation": 10, "n_test": 10, "seed": 0}
+
+
+def test_chat_smoke_sends_test_briefs_without_their_answers():
+    reqs = smoke_requests(DataSection(source="embedded", format="chat", embedded=SMALL), DeploySection())
+    assert len(reqs) == 3 and {r["route"] for r in reqs} == {"chat"}
+    for r in reqs:
+        assert r["messages"][-1]["role"] == "user" and r["prompt"] == r["messages"][-1]["content"]
+        assert all(m["role"] != "assistant" for m in r["messages"])  # the reference ad is not sent
+    assert is_embedded_task([r["prompt"] for r in reqs])  # so the pipeline scores validity and fidelity
+
+
+def test_prompt_completion_smoke_uses_completions_and_text_uses_the_configured_prompts():
+    reqs = smoke_requests(DataSection(source="embedded", format="prompt_completion", embedded=SMALL),
+                          DeploySection(smoke_examples=2))
+    assert len(reqs) == 2 and all(r["route"] == "completions" and r["text"].startswith("Product: ") for r in reqs)
+    text = smoke_requests(DataSection(), DeploySection(smoke_prompts=["Save"]))
+    assert text == [{"route": "completions", "prompt": "Save", "text": "Save"}]
