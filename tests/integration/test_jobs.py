@@ -47,7 +47,8 @@ def test_bad_config_fails_fast_with_every_key_named():
 
 def test_bad_data_fails_before_workers_start(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "text under the wrong column"}) + "\n")
-    p = run_job("data.source=files", f"data.train_files=[{tmp_path / 'd.jsonl'}]", f"run.storage_path={tmp_path}")
+    p = run_job("data.source=files", "data.format=text", f"data.train_files=[{tmp_path / 'd.jsonl'}]",
+                f"run.storage_path={tmp_path}")
     assert p.returncode == 2
     assert f"{tmp_path / 'd.jsonl'}: no column 'text' (data.text_column)" in p.stderr
     assert "RayTrainWorker" not in p.stdout + p.stderr
@@ -58,7 +59,9 @@ def head_node():
     """`ray start --head --block` with token auth on free ports; stopped by signalling only its own process."""
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="aigc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # a user's shell: without conftest's RAY_DEDUP_LOGS=0, which also turns off Ray's skip regex for forwarded lines
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}, "RAY_AUTH_MODE": "token",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
@@ -96,7 +99,9 @@ def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(best).config.n_embd == 32
 
 
-def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, tmp_path):
+def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, embedded_base, tmp_path):
+    """The demo's pipeline on a `ray start` cluster, sized down: the session's embedded base (its overrides under
+    `base.`), the brief -> ad task, and the smoke step's test briefs through /v1/chat/completions."""
     import requests
 
     address, env = head_node
@@ -106,8 +111,9 @@ def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, tmp_path
          "python", "jobs/pipeline.py", "--config", "jobs/configs/pipeline-tiny-cpu.yaml",
          f"search.storage_path={tmp_path}", "search.name=piped", "search.num_samples=2", "search.asha.enabled=false",
          "base.data.embedded.n_train=1200", "base.data.embedded.n_validation=150", "base.data.embedded.n_test=150",
-         "base.data.block_size=64", "base.optim.max_steps=20", "base.eval.every_steps=10", f"deploy.port={port}",
-         "deploy.app_name=piped"],
+         "base.data.block_size=192", "base.optim.max_steps=20", "base.optim.warmup_steps=2", "base.eval.every_steps=10",
+         "base.eval.task_examples=8", "base.eval.task_max_tokens=32", "deploy.smoke_max_tokens=32",
+         f"deploy.port={port}", "deploy.app_name=piped", *(f"base.{o}" for o in embedded_base.overrides)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     search = tmp_path / "piped"
@@ -116,6 +122,8 @@ def test_pipeline_job_searches_reports_and_serves_the_winner(head_node, tmp_path
     assert "endpoint: http://127.0.0.1" in p.stdout
     assert re.search(r"\[aigc\] rank +trial_id +status +lr", p.stdout)  # the search's own trial table
     assert noise_lines(p.stdout) == []  # the driver's filters and the workers' setup hook work on a cluster too
+    assert "[aigc] brief: Product: " in p.stdout and "[aigc]    ad: " in p.stdout  # chat smoke, scored
+    assert "completion nats / floor" in p.stdout  # the winner against the base
     # the app outlives the job on the cluster: it still answers after `ray job submit` returned
     r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                       json={"model": "winner", "prompt": "Save", "max_tokens": 8, "seed": 1})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aigc.console import LEVEL_ENV, PROGRESS_ENV, QUIET_ENV
 from conftest import TEXT_RANDOM
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,10 @@ def noise_lines(output: str) -> list[str]:
 
 def run_job(tmp_path: Path, *overrides: str, level: str | None = None) -> str:
     # a user's shell: no test-only settings (Ray also changes its output when it sees PYTEST_CURRENT_TEST)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "AIGC_LOG_LEVEL", "PYTEST_CURRENT_TEST")}
+    # and none of what console.setup() put into this process's environment when an earlier test ran a job in it
+    drop = {"RAY_DEDUP_LOGS", "PYTEST_CURRENT_TEST", LEVEL_ENV, PROGRESS_ENV, *QUIET_ENV,
+            "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_DEDUP_LOGS_ALLOW_REGEX"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     if level:
         env["AIGC_LOG_LEVEL"] = level
     p = subprocess.run([*JOB, *overrides, f"run.storage_path={tmp_path}"], cwd=ROOT, env=env,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["data.block_size=96", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2",
         "optim.lr=5e-3", "optim.max_steps=30", "eval.every_steps=10", "eval.log_every=10", "eval.patience=null",
-        "run.samples=0", "model.name_or_path=null"]
+        "run.samples=0", "model.name_or_path=null", "eval.task_examples=8", "eval.task_max_tokens=32"]
 
 
 def ads(n: int) -> list[str]:
