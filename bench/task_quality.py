@@ -21,7 +21,6 @@ import argparse
 import time
 from pathlib import Path
 
-from aigc import console
 from aigc.config import FinetuneConfig, load_config
 from aigc.finetune import print_comparison
 from aigc.modeldir import read_metadata
@@ -42,7 +41,6 @@ def main() -> None:
     p.add_argument("--floor-target", type=float, default=1.5, help="completion loss / floor target (quality: 1.1)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.max_steps=800")
     a = p.parse_args()
-    console.setup()  # the same terminal output as the aigc verbs
 
     t0 = time.time()
     if a.winner:

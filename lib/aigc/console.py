@@ -167,8 +167,18 @@ def setup() -> str:
     # Ray merges lines that look alike across processes; every trial's [aigc] line says something different.
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"\[aigc\]")
     _ray_dedup_regexes()
+    _hf_bars_off()
     install_filters()
     return lvl
+
+
+def _hf_bars_off() -> None:
+    """datasets and huggingface_hub read their progress-bar switches (QUIET_ENV) at import; where a module that
+    imports them at its top (aigc.data, a benchmark) came first, turn their bars off through their own API."""
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
 
 
 def _ray_dedup_regexes() -> None:

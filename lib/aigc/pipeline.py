@@ -12,7 +12,6 @@ from typing import Any
 from openai import APIConnectionError, APIStatusError, InternalServerError, OpenAI
 from ray import serve
 
-from aigc import console
 from aigc.config import DataSection
 from aigc.corpus import ensure_embedded_corpus
 from aigc.pipeline_config import DeploySection, PipelineConfig
@@ -102,7 +101,6 @@ def print_smoke(generations: list[dict[str, Any]]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    console.setup()
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
     result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))
     if result.interrupted or not result.winner_dir:

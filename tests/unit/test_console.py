@@ -119,3 +119,17 @@ def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch, capfd):
     p.log("[aigc] run step 5/20 | loss 1.0", short="loss 1.0")
     p.close()
     assert capfd.readouterr().out == "[aigc] run step 5/20 | loss 1.0\n"
+
+
+def test_setup_turns_off_the_bars_of_an_already_imported_datasets(filters, monkeypatch):
+    import datasets
+
+    for k in [*console.QUIET_ENV, console.LEVEL_ENV, console.PROGRESS_ENV, "RAY_DEDUP_LOGS_SKIP_REGEX",
+              "RAY_DEDUP_LOGS_ALLOW_REGEX"]:
+        monkeypatch.delenv(k, raising=False)  # setup() writes them; the test leaves the environment as it found it
+    datasets.enable_progress_bars()
+    try:
+        console.setup()  # datasets was imported first, so its env switch came too late: setup uses its API
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
