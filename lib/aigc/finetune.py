@@ -252,9 +252,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
                          data=prepared.data_info)
     task = task_eval_inputs(cfg, prepared.splits)
     if cfg.run.evaluate:
-        out.evaluation = evaluate_before_after(cfg, base, best_dir, packed, task)
-        record_evaluation(best_dir, out.evaluation)
-        print_comparison(out.evaluation)
+        out.evaluation = evaluate_against_base(cfg, prepared, best_dir, task)
     if cfg.run.samples:
         out.samples = sample_generations(best_dir, cfg.run.samples, task=task)
         for s in out.samples:
@@ -277,6 +275,15 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
     before, after = ray.get([remote.remote(base, test, docs, base_is_aigc, task=task_ref),
                              remote.remote(tuned, test, docs, True, task=task_ref)])
     return {"base": before, "finetuned": after}
+
+
+def evaluate_against_base(cfg: FinetuneConfig, prepared: Prepared, tuned: str, task: TaskEval | None) -> dict:
+    """`evaluate_before_after` of `tuned` against the prepared base, recorded in `tuned`'s aigc.json and printed:
+    what a run does with its best model and a search with its winner."""
+    ev = evaluate_before_after(cfg, prepared.base, tuned, prepared.packed, task)
+    record_evaluation(tuned, ev)
+    print_comparison(ev)
+    return ev
 
 
 def record_evaluation(model_dir: str, evaluation: dict) -> None:

@@ -30,12 +30,10 @@ from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
 from aigc.evaluate import task_eval_inputs
 from aigc.finetune import (
     Prepared,
-    evaluate_before_after,
+    evaluate_against_base,
     export_checkpoint,
     init_ray,
     prepare,
-    print_comparison,
-    record_evaluation,
     run_dir_of,
     run_finetune,
 )
@@ -350,10 +348,7 @@ def evaluate_winner(base_cfg: FinetuneConfig, prepared: Prepared, winner: Path) 
     trials skip evaluation to stay cheap, and a resumed search whose winner has it already does not redo it."""
     if "evaluation" in read_metadata(winner):
         return
-    ev = evaluate_before_after(base_cfg, prepared.base, str(winner), prepared.packed,
-                               task_eval_inputs(base_cfg, prepared.splits))
-    record_evaluation(str(winner), ev)
-    print_comparison(ev)
+    evaluate_against_base(base_cfg, prepared, str(winner), task_eval_inputs(base_cfg, prepared.splits))
 
 
 def _interrupted(sdir: Path) -> bool:
