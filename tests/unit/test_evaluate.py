@@ -143,7 +143,7 @@ def test_task_eval_inputs_carry_each_rows_floor(tmp_path):
     cfg = FinetuneConfig.model_validate({"data": {"format": "prompt_completion", "embedded": {
         "n_train": 20, "n_validation": 5, "n_test": 7, "seed": 11}}, "eval": {"task_examples": 3}})
     task = task_eval_inputs(cfg, load_task_splits(cfg.data))
-    from aigc.data import ensure_embedded_corpus
+    from aigc.corpus import ensure_embedded_corpus
 
     file_rows = [json.loads(line) for line in open(ensure_embedded_corpus(cfg.data)["test"])]
     assert [(r["prompt"], r["completion"], r["nats"]) for r in task.examples] == \
