@@ -29,6 +29,7 @@ CLUSTER = ROOT / "cluster.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 SERVE = ROOT / "serve" / "config.yaml"
 DOCKERFILE = K8S / "Dockerfile"
+DOCS = ROOT / "docs" / "cluster.md"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 
 KUBERAY = "1.7.0"  # the release whose CRDs the manifests are written for (docs/cluster.md installs it)
@@ -512,3 +513,34 @@ def test_an_inlined_secret_is_reported(docs):
     assert problems[0].startswith("head.ray-head.env.AWS_SECRET_ACCESS_KEY: a literal")
     assert "credentials in the entrypoint" in problems[1]
     assert secret_problems({"kind": "Secret", "metadata": {"name": "aigc-s3"}})
+
+
+# ------------------------------------------------------------------------------------- the walk-through
+
+
+def test_the_walk_through_names_what_the_manifests_create(docs):
+    """docs/cluster.md's Kubernetes commands: the operator release the CRDs come from, the files, the names
+    KubeRay derives (<RayJob> for the submitter Job, <name>-head-svc, <RayService>-serve-svc), and Secrets with
+    every key the manifests read."""
+    text = DOCS.read_text().split("## On Kubernetes", 1)[1]
+    assert f"helm install kuberay-operator kuberay/kuberay-operator --version {KUBERAY}" in text
+    for path in re.findall(r"\bk8s/[\w.*-]+", text):
+        assert list(ROOT.glob(path)), path  # a file, or a glob that matches some
+    jobs = {d["metadata"]["name"] for d in rayjobs(docs)}
+    (service,) = [d["metadata"]["name"] for d in docs.values() if d["kind"] == "RayService"]
+    assert set(re.findall(r"\bjob/([\w-]+)", text)) == jobs
+    assert set(re.findall(r"svc/([\w-]+)-head-svc", text)) <= jobs | {service}
+    assert set(re.findall(r"svc/([\w-]+)-serve-svc", text)) == {service}
+    assert set(re.findall(r"rayservice[/ ]([a-z][\w-]*)", text)) == {service}
+    created = {name: set(re.findall(r"--from-(?:literal|file)=(\w+)=", flags))
+               for name, flags in re.findall(r"kubectl create secret generic ([\w-]+)((?:\s*\\?\s*--from-\S+)+)", text)}
+    needed: dict[str, set[str]] = {TOKEN_SECRET: {"auth_token"}}  # KubeRay reads this key (authOptions.secretName)
+    for doc in docs.values():
+        for _, c in containers(doc):
+            for env in c.get("env", []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    needed.setdefault(ref["name"], set()).add(ref["key"])
+    assert set(created) == set(needed)
+    for name, keys in needed.items():
+        assert keys <= created[name], (name, keys - created[name])
