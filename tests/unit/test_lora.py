@@ -192,3 +192,28 @@ def test_tampered_adapter_refused(trained, tmp_path):
     with pytest.raises(ModelDirError, match="adapter/adapter_config.json: sha256 mismatch"):
         load_model(d)
     assert os.path.isfile(out / METADATA)
+
+
+def test_search_space_sets_lora_keys_and_the_report_shows_them(tmp_path):
+    from aigc.report import render
+    from aigc.report_data import SearchData, TrialRecord
+    from aigc.search import trial_config, tune_space
+    from aigc.search_config import SearchConfig
+
+    space = ["space.lora.r={kind: choice, values: [4, 16]}", "space.lora.dropout={kind: uniform, low: 0.0, high: 0.2}"]
+    with pytest.raises(ConfigError, match="space.lora.dropout: LoRA settings are searched but base.model.peft.method"):
+        load_config(SearchConfig, None, space)
+    with pytest.raises(ConfigError, match=r"space.lora.r.values\[1\]: 0.0 is outside what model.peft.r accepts"):
+        load_config(SearchConfig, None, ["base.model.peft.method=lora", "space.lora.r={kind: choice, values: [4, 0]}"])
+    sc = load_config(SearchConfig, None, ["base.model.peft.method=lora", f"search.storage_path={tmp_path}", *space])
+    assert {"lora.r", "lora.dropout", "lr"} <= set(tune_space(sc))
+    t = trial_config(sc, {"lora.r": 16, "lora.dropout": 0.1, "lr": 1e-3}, "t1")
+    assert (t.model.peft.r, t.model.peft.dropout, t.optim.lr) == (16, 0.1, 1e-3)
+
+    history = [{"step": 10, "val_loss": 1.0, "trainable_params": 4096, "total_params": 50560}]
+    trials = [TrialRecord(trial_id=f"t{r}", status="completed", params={"lora.r": r, "lr": 1e-3}, adapter=True,
+                          history=[{**history[0], "trainable_params": 1024 * r}]) for r in (4, 16)]
+    render(SearchData(str(tmp_path), sc.model_dump(mode="json"), trials), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "`lora.r`: choice [4.0, 16.0]" in md and "lora.r" in md.split("## Trials")[-1]
+    assert "trainable_pct" in md and f"{100 * 4096 / 50560:.2f}" in md and "0.016" in md  # 4096 x 4 B = 0.016 MB
