@@ -77,21 +77,25 @@ def adaptable_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
 
 
-def check_targets(lc: LoraConfig, module_names: list[str]) -> None:
-    """Every target and every module to save must name a module of the model (peft's rule: the full name, or
-    its dotted suffix); a LoraError naming the ones that match nothing and the names that exist."""
-    def matches(target: str) -> bool:
-        return any(n == target or n.endswith(f".{target}") for n in module_names)
+def check_targets(lc: LoraConfig, model: torch.nn.Module) -> None:
+    """Every target must name a linear layer of `model` and every module to save a module of it (peft's rule:
+    the full name, or its dotted suffix); a LoraError naming the ones that match nothing and what exists."""
+    layers, modules = adaptable_modules(model), [n for n, _ in model.named_modules() if n]
+
+    def missing(wanted: list[str], names: list[str]) -> list[str]:
+        return sorted(t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in names))
 
     problems = []
-    for key, wanted in (("target_modules", lc.target_modules), ("modules_to_save", lc.modules_to_save or [])):
-        missing = sorted(t for t in wanted if not matches(t))
-        if missing:
-            problems.append(f"model.peft.{key}: {missing} match no module of the model")
+    if bad := missing(list(lc.target_modules), layers):
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        problems.append(f"model.peft.target_modules: {bad} match no layer of the model; the layers LoRA can adapt "
+                        f"are named {leaves} (e.g. {layers[0] if layers else '-'})")
+    if bad := missing(list(lc.modules_to_save or []), modules):
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+        problems.append(f"model.peft.modules_to_save: {bad} match no module of the model; its modules are named "
+                        f"{leaves}")
     if problems:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-        raise LoraError("; ".join(problems) + f"; the layers LoRA can adapt are named {leaves} "
-                        f"(e.g. {module_names[0] if module_names else '-'})")
+        raise LoraError("; ".join(problems))
 
 
 def _meta_model(base: str) -> torch.nn.Module:
@@ -124,7 +128,7 @@ def check_before_training(cfg: FinetuneConfig, base: str) -> None:
             raise LoraError(f"{e} (model.name_or_path)") from None
         return  # its own targets, which matched the base it was trained on
     model = _meta_model(base)
-    check_targets(lora_config(p, model.config.model_type), adaptable_modules(model))
+    check_targets(lora_config(p, model.config.model_type), model)
 
 
 def trainable_model(model: torch.nn.Module, m: ModelSection) -> tuple[torch.nn.Module, int, int]:
@@ -143,7 +147,7 @@ def trainable_model(model: torch.nn.Module, m: ModelSection) -> tuple[torch.nn.M
         model.peft_config["default"].base_model_name_or_path = base  # this run's base (same fingerprint)
     else:
         lc = lora_config(m.peft, model.config.model_type)
-        check_targets(lc, adaptable_modules(model))
+        check_targets(lc, model)
         model = get_peft_model(model, lc)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, trainable, sum(p.numel() for p in model.parameters())

@@ -16,7 +16,6 @@ from aigc.lora import (
     GPT2_TARGETS,
     LLAMA_TARGETS,
     LoraError,
-    adaptable_modules,
     check_before_training,
     check_targets,
     default_targets,
@@ -77,7 +76,7 @@ def test_default_targets_per_architecture():
     with torch.device("meta"):  # every default names a layer of a real Llama
         tiny = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                             num_attention_heads=2, vocab_size=64))
-    check_targets(llama, adaptable_modules(tiny))
+    check_targets(llama, tiny)
     with pytest.raises(LoraError, match="model.peft.target_modules: no default for model type 'nonesuch'"):
         default_targets("nonesuch")
 
@@ -87,22 +86,22 @@ def test_targets_matching_nothing_fail_before_training_naming_what_exists(tiny_m
     with pytest.raises(LoraError) as e:
         check_before_training(c, str(tiny_model_dir))
     msg = str(e.value)
-    assert "model.peft.target_modules: ['q_proj'] match no module" in msg
-    assert "model.peft.modules_to_save: ['head'] match no module" in msg
-    assert "['c_attn', 'c_fc', 'c_proj', 'lm_head']" in msg
-    check_before_training(cfg("model.peft.method=lora"), str(tiny_model_dir))  # the defaults match
+    assert "model.peft.target_modules: ['q_proj'] match no layer of the model" in msg
+    assert "the layers LoRA can adapt are named ['c_attn', 'c_fc', 'c_proj', 'lm_head']" in msg
+    assert "model.peft.modules_to_save: ['head'] match no module" in msg and "'ln_f'" in msg
+    check_before_training(cfg("model.peft.method=lora", "model.peft.modules_to_save=[ln_f]"), str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """A LoRA model on the tiny base with non-zero adapters (as after training), and its checkpoint-like HF
     folder: what `export_adapter` gets from a consolidated ZeRO checkpoint."""
-    c = cfg("model.peft.method=lora", "model.peft.r=4")
+    c = cfg("model.peft.method=lora", "model.peft.r=4", "model.peft.modules_to_save=[ln_f]")
     model, trainable, total = trainable_model(load_model(tiny_model_dir).model, c.model)
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:  # B starts at zero: a trained adapter is not
+            if "lora_B" in n or "modules_to_save" in n:  # B starts at zero, ln_f at the base's: trained, neither is
                 p.normal_(0, 0.05)
     hf = tmp_path_factory.mktemp("ckpt") / "hf"
     model.config.save_pretrained(hf)
@@ -118,8 +117,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 def test_lora_trains_only_adapters(trained):
     m = trained["model"]
     names = [n for n, p in m.named_parameters() if p.requires_grad]
-    assert names and all("lora_" in n for n in names)
-    assert trained["trainable"] == sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+    assert names and all("lora_" in n or "modules_to_save.default" in n for n in names)
+    assert trained["trainable"] == sum(p.numel() for n, p in m.named_parameters() if p.requires_grad)
     assert trained["trainable"] / trained["total"] < 0.1
 
 
