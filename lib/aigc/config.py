@@ -177,7 +177,7 @@ class PeftSection(Strict):
     )
     modules_to_save: list[str] = Field(
         default_factory=list, description="modules trained in full beside the adapters and saved with them "
-                                          "(e.g. lm_head or wte for new tokens)"
+                                          "(e.g. ln_f, the final norm)"
     )
     resume_adapter: str | None = Field(
         None, description="an exported model directory holding an adapter whose training continues here (its own "
