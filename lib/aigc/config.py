@@ -161,6 +161,47 @@ class PretrainRecipe(Strict):
     )
 
 
+class PeftSection(Strict):
+    """Parameter-efficient fine-tuning with the `peft` library: LoRA adapters on a frozen base (aigc.lora)."""
+
+    method: Literal["none", "lora", "qlora"] = Field(
+        "none", description="none: train the model's own weights (model.train_top_n_blocks); lora: train low-rank "
+                            "adapters on the frozen base; qlora: LoRA on a 4-bit base (bitsandbytes, CUDA only)"
+    )
+    r: int = Field(8, gt=0, description="LoRA rank: the inner width of each adapter (B @ A is out x r x in)")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (0 keeps resume exact)")
+    target_modules: list[str] | None = Field(
+        None, description="module names (suffixes) that get adapters; None: the architecture's default (GPT-2: "
+                          "c_attn, c_proj, c_fc; Llama-style: q/k/v/o_proj, gate/up/down_proj)"
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapters and saved with them "
+                                          "(e.g. ln_f, the final norm)"
+    )
+    resume_adapter: str | None = Field(
+        None, description="an exported model directory holding an adapter whose training continues here (its own "
+                          "r, alpha and targets; model.name_or_path must be the base it was trained on)"
+    )
+
+    def problems(self, use_gpu: bool, train_top_n_blocks: int | None) -> list[str]:
+        """What this section cannot do with the rest of the config; keys named in full."""
+        key, out = "model.peft", []
+        if self.method == "none":
+            changed = [k for k, f in type(self).model_fields.items()
+                       if k != "method" and getattr(self, k) != f.get_default(call_default_factory=True)]
+            return [f"{key}.{k}: not used with {key}.method='none' (set {key}.method=lora)" for k in changed]
+        if self.method == "qlora":
+            out.append(f"{key}.method: qlora loads the base in 4-bit with bitsandbytes, which needs CUDA GPUs: "
+                       "set scaling.use_gpu=true or use method: lora" if not use_gpu else
+                       f"{key}.method: qlora (4-bit base) is not supported under DeepSpeed ZeRO here; use method: lora")
+        if train_top_n_blocks:
+            out.append(f"model.train_top_n_blocks: {train_top_n_blocks} with {key}.method={self.method}: an adapter "
+                       f"cannot carry whole trained blocks; use 0 or null (adapters only) and list modules to train "
+                       f"in full in {key}.modules_to_save")
+        return out
+
+
 class ModelSection(Strict):
     """The base model: a hub id or local directory for `from_pretrained`, the embedded pre-trained base, or a
     tiny GPT-2 built from `arch`."""
@@ -180,6 +221,7 @@ class ModelSection(Strict):
         None, ge=0, description="freeze all but the top N transformer blocks (+ final norm); None trains everything"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    peft: PeftSection = Field(default_factory=PeftSection, description="LoRA adapters instead of full fine-tuning")
 
 
 # ------------------------------------------------------------------------------------- optimisation
@@ -216,6 +258,19 @@ class ZeroSection(Strict):
     offload_optimizer: bool = Field(False, description="optimizer state in CPU memory (DeepSpeedCPUAdam)")
     offload_param: bool = Field(False, description="parameters in CPU memory (stage 3 only)")
     overlap_comm: bool = Field(True, description="overlap gradient reduction with backward")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="stage 3: parameters with fewer elements stay whole on every rank "
+                                "(stage3_param_persistence_threshold); None keeps DeepSpeed's 1e5; 0 shards all"
+    )
+
+
+class ExportSection(Strict):
+    """What an exported model directory holds beside the tokenizer and aigc.json."""
+
+    merge: bool = Field(
+        True, description="LoRA: also write the merged full model (what plain transformers and vLLM load); false: "
+                          "the adapter only, loaded onto its recorded base by aigc.modeldir.load_model"
+    )
 
 
 class ScalingSection(Strict):
@@ -278,6 +333,7 @@ class FinetuneConfig(Strict):
     zero: ZeroSection = Field(default_factory=ZeroSection, description="DeepSpeed ZeRO partitioning and offload")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers and their resources")
     eval: EvalSection = Field(default_factory=EvalSection, description="validation, early stopping, checkpoints kept")
+    export: ExportSection = Field(default_factory=ExportSection, description="what the exported model directory holds")
 
     def problems(self) -> list[str]:
         """Cross-field checks that no single field can make; each names the keys involved."""
@@ -295,6 +351,12 @@ class FinetuneConfig(Strict):
             out.append("data.validation_files: give both validation_files and test_files, or neither (carve by ratio)")
         if z.offload_param and z.stage != 3:
             out.append(f"zero.offload_param: needs zero.stage=3, got zero.stage={z.stage}")
+        if z.param_persistence_threshold is not None and z.stage != 3:
+            out.append(f"zero.param_persistence_threshold: only used with zero.stage=3, got zero.stage={z.stage}")
+        out += m.peft.problems(self.scaling.use_gpu, m.train_top_n_blocks)
+        if not self.export.merge and m.peft.method == "none":
+            out.append("export.merge: false only applies to adapters (model.peft.method=lora); a full fine-tune "
+                       "always exports its whole model")
         if z.offload_optimizer and z.stage == 0:
             out.append("zero.offload_optimizer: needs zero.stage >= 1")
         if o.precision == "fp16" and not self.scaling.use_gpu:

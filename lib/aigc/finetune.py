@@ -28,6 +28,7 @@ from aigc.data import DataError, PackedData, load_splits, make_data_config, shar
 from aigc.evaluate import TaskEval, evaluate_model, task_eval_inputs, task_prompt
 from aigc.generation import SamplingParams, generate
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
+from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoint
 from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
@@ -128,13 +129,17 @@ def _remote_options(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
     """Consolidate a reported ZeRO checkpoint (any stage, offload or not) into the model directory format
-    with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights."""
+    with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights. A LoRA run's
+    checkpoint becomes its adapter on the base, merged too unless `config` says `export.merge: false`."""
     # on call, in the export task: importing DeepSpeed detects the accelerator (on a CPU machine without
     # DS_ACCELERATOR it prints a warning to stdout), which the driver, importing this module, must not
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
     hf = os.path.join(ckpt_dir, HF_SUBDIR)
+    if is_adapter_checkpoint(hf):
+        merge = (config.get("export") or {}).get("merge", True)
+        return export_adapter(state, hf, out_dir, merge=merge, config=config, metrics=metrics, **extra)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
@@ -186,6 +191,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
     init_ray()
     texts = splits.train["text"] if cfg.data.format == "text" else training_texts(splits.train)
     base = prepare_base(cfg, run_dir, texts)
+    check_before_training(cfg, base)  # LoRA: adapter on adapter, resumed adapter's base, targets
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.eos_token_id is None:
         raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")

@@ -5,6 +5,14 @@ A model directory is what `transformers.AutoModelForCausalLM.from_pretrained(dir
 `aigc.json`: the training config, the metrics, the step, and a sha256 for every other file.
 Evaluation, search export and serving all load through :func:`load_model`, which verifies the
 checksums and refuses pickled weights.
+
+A LoRA run's directory also holds its adapter in `adapter/` (`adapter_config.json`,
+`adapter_model.safetensors`: `PeftModel.from_pretrained(base, f"{dir}/adapter")`) and records in
+aigc.json the base it applies to, with that base's :func:`fingerprint`. Merged (the default), the
+top level is the full model as above; adapter-only, :func:`load_model` loads the recorded base
+(fingerprint verified) and applies the adapter. The adapter sits in a subfolder because
+transformers, finding `adapter_config.json` beside `config.json`, would apply it again on top of
+the merged weights.
 """
 
 from __future__ import annotations
@@ -12,18 +20,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 METADATA = "aigc.json"
 FORMAT = "aigc-model/1"
 # Pickle-based formats run code on load; a served model must never need them.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".h5", ".msgpack")
+ADAPTER_DIR = "adapter"  # a LoRA adapter's files, inside a model directory
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The full model's weight files (one, or transformers' shards); what a base's fingerprint covers.
+WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 
 
 class ModelDirError(ValueError):
@@ -43,6 +58,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(name_or_path: str | os.PathLike) -> str:
+    """A model's identity: sha256 over its full-model safetensors files' names and sha256s (not the tokenizer
+    or config, which re-saving may reformat). A hub id is read from the local Hugging Face cache. This is what
+    an adapter records of its base; the embedded base's aigc.json `fingerprint` is its recipe's cache key."""
+    root = Path(name_or_path)
+    if not root.is_dir():
+        try:
+            root = Path(snapshot_download(str(name_or_path), local_files_only=True))
+        except Exception as e:  # not cached, or not a hub id: the message says which
+            raise ModelDirError(f"{name_or_path}: neither a local directory nor a cached hub model ({e})") from None
+    weights = sorted(p for p in root.iterdir() if WEIGHT_FILE.fullmatch(p.name))
+    if not weights:
+        raise ModelDirError(f"{name_or_path}: no full-model safetensors weights to fingerprint")
+    h = hashlib.sha256()
+    for p in weights:
+        h.update(f"{p.name}\t{sha256_file(p)}\n".encode())
     return h.hexdigest()
 
 
@@ -74,6 +108,23 @@ def write_metadata(root: Path, *, config: dict[str, Any], metrics: dict[str, Any
     return meta
 
 
+def _write_dir(out: Path, write: Callable[[Path], dict[str, Any]], *, config: dict[str, Any],
+               metrics: dict[str, Any] | None, step: int, **extra: Any) -> Path:
+    """`write(tmp)` fills a temp sibling (returning metadata to add), then checksums, and the directory moves
+    into place atomically (readers never see a half-written one)."""
+    tmp = _temp_sibling(out)
+    try:
+        more = write(tmp)
+        unsafe = [p.name for p in _files(tmp) if p.suffix in UNSAFE_SUFFIXES]
+        if unsafe:  # save_pretrained writes safetensors in transformers 5; guard against a silent change
+            raise ModelDirError(f"{out}: refusing to write non-safetensors weights {unsafe}")
+        write_metadata(tmp, config=config, metrics=metrics or {}, step=step, **more, **extra)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def save_model_dir(
     model: Any,
     tokenizer: Any,
@@ -84,20 +135,48 @@ def save_model_dir(
     step: int = 0,
     **extra: Any,
 ) -> Path:
-    """Write `model` + `tokenizer` as a model directory, atomically (readers never see a half-written one)."""
-    out = Path(out_dir)
-    tmp = _temp_sibling(out)
-    try:
+    """Write `model` + `tokenizer` as a model directory, atomically."""
+    def write(tmp: Path) -> dict[str, Any]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        unsafe = [p.name for p in _files(tmp) if p.suffix in UNSAFE_SUFFIXES]
-        if unsafe:  # save_pretrained writes safetensors in transformers 5; guard against a silent change
-            raise ModelDirError(f"{out}: refusing to write non-safetensors weights {unsafe}")
-        write_metadata(tmp, config=config, metrics=metrics or {}, step=step, **extra)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return {}
+
+    return _write_dir(Path(out_dir), write, config=config, metrics=metrics, step=step, **extra)
+
+
+def save_adapter_dir(
+    peft_model: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    base: str,
+    merge: bool,
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    step: int = 0,
+    **extra: Any,
+) -> Path:
+    """Write a LoRA model directory from a `peft.PeftModel` whose tensors are whole (consolidated, not ZeRO
+    shards): the adapter in `adapter/`, the tokenizer, with `merge` the merged full model at the top level,
+    and in aigc.json `adapter` = {path, merged, base: {name_or_path, fingerprint}, r, alpha, target_modules,
+    params, bytes}. `base` is what the adapter applies to (a path or hub id). The model is merged in place."""
+    base_fp = fingerprint(base)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card template, nothing of ours
+        tokenizer.save_pretrained(tmp)
+        if merge:
+            peft_model.merge_and_unload().save_pretrained(tmp)
+        lc = next(iter(peft_model.peft_config.values()))
+        return {"adapter": {
+            "path": ADAPTER_DIR, "merged": merge, "base": {"name_or_path": str(base), "fingerprint": base_fp},
+            "r": lc.r, "alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules),
+            "params": sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n or "modules_to_save" in n),
+            "bytes": (tmp / ADAPTER_DIR / ADAPTER_WEIGHTS).stat().st_size,
+        }}
+
+    return _write_dir(Path(out_dir), write, config=config, metrics=metrics, step=step, **extra)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -139,19 +218,65 @@ def verify_model_dir(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def check_adapter_base(meta: dict[str, Any], base: str | os.PathLike, where: str = "") -> str:
+    """The fingerprint of `base`, which must be the one the adapter recorded in `meta` (its aigc.json);
+    a ModelDirError naming both fingerprints otherwise."""
+    recorded = meta["adapter"]["base"]
+    actual = fingerprint(base)
+    if actual != recorded["fingerprint"]:
+        raise ModelDirError(
+            f"{where or 'adapter'}: trained on base {recorded['name_or_path']} (fingerprint "
+            f"{recorded['fingerprint'][:16]}...), but {base} has fingerprint {actual[:16]}...: not the same weights")
+    return actual
+
+
+def load_adapter(model: Any, adapter_dir: str | os.PathLike, *, adapter_name: str = "default",
+                 base_fingerprint: str | None = None, is_trainable: bool = False) -> Any:
+    """Attach the adapter of a verified model directory to `model` (a base model, or a `PeftModel` that gets
+    one more named adapter) and return the PeftModel. With `base_fingerprint` (of `model`'s weights, from
+    :func:`fingerprint`), an adapter recorded for another base is refused, both fingerprints named."""
+    # peft on call: importing it costs ~2.6 s, and only adapter directories need it
+    from peft import PeftModel
+
+    meta = verify_model_dir(adapter_dir)
+    ad = meta.get("adapter")
+    if not ad:
+        raise ModelDirError(f"{adapter_dir}: holds no LoRA adapter (no 'adapter' in {METADATA})")
+    if base_fingerprint is not None and base_fingerprint != ad["base"]["fingerprint"]:
+        raise ModelDirError(
+            f"{adapter_dir}: adapter trained on base {ad['base']['name_or_path']} (fingerprint "
+            f"{ad['base']['fingerprint'][:16]}...), but the model given has fingerprint {base_fingerprint[:16]}...")
+    files = str(Path(adapter_dir) / ad["path"])
+    if isinstance(model, PeftModel):
+        model.load_adapter(files, adapter_name=adapter_name, is_trainable=is_trainable)
+        return model
+    return PeftModel.from_pretrained(model, files, adapter_name=adapter_name, is_trainable=is_trainable)
+
+
 def load_model(
     path: str | os.PathLike,
     *,
     device: str = "cpu",
     dtype: Any = None,
     require_metadata: bool = True,
+    base: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """The one loader. An aigc model directory is verified first; with `require_metadata=False` a plain
-    hub id or local `save_pretrained` directory (a base model) loads too, still safetensors-only."""
+    hub id or local `save_pretrained` directory (a base model) loads too, still safetensors-only.
+
+    An adapter-only directory (exported with `export.merge: false`) loads its recorded base, or `base` when
+    given, verifies that base's fingerprint against the recorded one, and returns the merged model."""
     path = str(path)
     is_aigc = os.path.isfile(os.path.join(path, METADATA))
     if is_aigc:
         meta = verify_model_dir(path)
+        ad = meta.get("adapter")
+        if ad and not ad["merged"]:
+            base = str(base or ad["base"]["name_or_path"])
+            base_fp = check_adapter_base(meta, base, path)
+            on = load_model(base, device=device, dtype=dtype, require_metadata=False).model
+            model = load_adapter(on, path, base_fingerprint=base_fp).merge_and_unload()
+            return LoadedModel(model.eval(), _tokenizer(path), meta, path)
     elif require_metadata:
         raise ModelDirError(f"{path}: not an aigc model directory (no {METADATA}); export one with aigc first")
     else:
@@ -161,13 +286,18 @@ def load_model(
             if unsafe and not any(p.suffix == ".safetensors" for p in Path(path).iterdir()):
                 raise ModelDirError(f"{path}: only pickle-based weights {unsafe}; convert them to safetensors")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or "auto")
     except OSError as e:
         raise ModelDirError(f"{path}: cannot load with transformers: {e}") from None
+    return LoadedModel(model.to(device).eval(), tokenizer, meta, path)
+
+
+def _tokenizer(path: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # GPT-2 ships without one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model.to(device).eval(), tokenizer, meta, path)
+    return tokenizer
 
 
 def copy_model_dir(src: str | os.PathLike, dst: str | os.PathLike, **extra_meta: Any) -> Path:

@@ -37,9 +37,12 @@ from aigc.layout import (
 from aigc.modeldir import METADATA
 from aigc.placement import trial_resources
 from aigc.raycompat import tune_trial_states
+from aigc.search_config import flat_space
 
 # Columns of the trials table from a trial's evaluation (the winner's full table is its own section).
 TRIAL_TASK_COLUMNS = ("floor_ratio", "greedy_valid_pct", "greedy_faithful_pct")
+# Columns of the trials table from what a trial trains: its share of the model, and a LoRA adapter's size.
+TRIAL_SIZE_COLUMNS = ("trainable_pct", "adapter_mb")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TrialRecord:
     num_failures: int = 0
     model_dir: str | None = None
     evaluation: dict[str, Any] | None = None  # the best model's before/after evaluation, when the trial ran one
+    adapter: bool = False  # trains a LoRA adapter (base.model.peft.method)
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -93,8 +97,17 @@ class TrialRecord:
             "steps": self.steps, "asha_stopped": self.asha_stop_step is not None, "asha_stop_step": self.asha_stop_step,
             "early_stopped": self.status == "early-stopped", "error": self.error, "num_failures": self.num_failures,
             "wall_s": round(self.wall_s, 1), "cpu_hours": round(self.cpu_hours, 5), "gpu_hours": round(self.gpu_hours, 5),
-            "model_dir": self.model_dir, **{k: self.tuned.get(k) for k in TRIAL_TASK_COLUMNS},
+            "model_dir": self.model_dir, **{k: self.tuned.get(k) for k in TRIAL_TASK_COLUMNS}, **self.sizes(),
         }
+
+    def sizes(self) -> dict[str, float | None]:
+        """Trainable share of the parameters (%) when not all train and, for a LoRA trial, the adapter's size in
+        MB: the exported adapter holds exactly the trainable tensors, in fp32 (4 bytes each, plus a few KB)."""
+        last = self.history[-1] if self.history else {}
+        trainable, total = last.get("trainable_params"), last.get("total_params")
+        if not trainable or not total or trainable == total:
+            return dict.fromkeys(TRIAL_SIZE_COLUMNS)
+        return {"trainable_pct": 100 * trainable / total, "adapter_mb": trainable * 4 / 1e6 if self.adapter else None}
 
     @property
     def tuned(self) -> dict[str, Any]:
@@ -118,7 +131,7 @@ class SearchData:
 
     @property
     def space(self) -> dict[str, dict[str, Any]]:
-        return {k: v for k, v in (self.config.get("space") or {}).items() if v}
+        return flat_space(self.config.get("space") or {})
 
     @property
     def param_names(self) -> list[str]:
@@ -151,7 +164,8 @@ def _history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         by_step[int(r["step"])] = {k: r.get(k) for k in ("step", "val_loss", "val_ppl", "train_loss", "best_val_loss",
                                                           "lr", "tokens_seen", "stopped_early", "run_done",
-                                                          "timestamp", "time_total_s")}
+                                                          "timestamp", "time_total_s", "trainable_params",
+                                                          "total_params")}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -175,7 +189,8 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
     cpus, gpus = held.get("CPU", 0.0), held.get("GPU", 0.0)
     max_steps = (base.get("optim") or {}).get("max_steps")
     asha_on = ((config.get("search") or {}).get("asha") or {}).get("enabled", True)
-    space = [k for k, v in (config.get("space") or {}).items() if v]
+    space = list(flat_space(config.get("space") or {}))
+    adapter = ((base.get("model") or {}).get("peft") or {}).get("method", "none") != "none"
 
     exp = sdir / TUNE_DIR
     # One state file per driver session, named by its start time; the newest session's holds the current
@@ -224,7 +239,7 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
             trial_id=tid, status=status, params=params, history=hist, error=err, error_text=err_text,
             asha_stop_step=(stop or {}).get("step"), wall_s=wall, cpu_hours=wall * cpus / 3600,
             gpu_hours=wall * gpus / 3600, num_failures=int(st.get("num_failures") or 0),
-            model_dir=str(best_dir.parent) if best_dir.is_file() else None, evaluation=evaluation,
+            model_dir=str(best_dir.parent) if best_dir.is_file() else None, evaluation=evaluation, adapter=adapter,
         ))
     trials.sort(key=lambda t: (t.best_val_loss is None, t.best_val_loss if t.best_val_loss is not None else 0, t.trial_id))
     winner = None

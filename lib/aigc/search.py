@@ -65,7 +65,7 @@ from aigc.pretrain import resolve_base
 from aigc.raycompat import PlacementGroupReaper
 from aigc.report import render_text, write_report
 from aigc.report_data import load_search
-from aigc.search_config import PARAMS, SearchConfig, check_algorithm, search_dir_of, total_trials
+from aigc.search_config import PARAMS, SearchConfig, check_algorithm, search_dir_of, set_param, total_trials
 
 # ----------------------------------------------------------------------------------------------- space
 
@@ -74,8 +74,7 @@ def trial_config(cfg: SearchConfig, params: dict[str, Any], trial_id: str) -> Fi
     """The base config with the sampled hyperparameters set, named after the Tune trial, stored in the search."""
     data = cfg.base.model_dump(mode="json")
     for name, value in params.items():
-        section, key = PARAMS[name].path.split(".")
-        data[section][key] = int(value) if PARAMS[name].integer else float(value)
+        set_param(data, name, value)
     data["run"].update(name=trial_run_name(trial_id), storage_path=str(search_dir_of(cfg) / TRIALS_DIR),
                        evaluate=False, samples=0)
     return build(FinetuneConfig, data, f"trial {trial_id}")

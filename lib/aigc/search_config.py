@@ -11,7 +11,7 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -59,7 +59,41 @@ PARAMS: dict[str, _Param] = {
     "dropout": _Param("model.dropout", ("uniform", "choice"), 0.0, False, 1.0, True),
     "warmup_steps": _Param("optim.warmup_steps", ("choice",), 0, False, math.inf, True, integer=True),
     "micro_batch_size": _Param("optim.micro_batch_size", ("choice",), 1, False, math.inf, True, integer=True),
+    # LoRA's rank and adapter dropout regularise like weight decay and dropout do (base.model.peft.method=lora)
+    "lora.r": _Param("model.peft.r", ("choice",), 0, True, math.inf, True, integer=True),
+    "lora.alpha": _Param("model.peft.alpha", ("loguniform", "uniform", "choice"), 0.0, True, math.inf, True),
+    "lora.dropout": _Param("model.peft.dropout", ("uniform", "choice"), 0.0, False, 1.0, True),
 }
+
+
+def set_param(config: dict[str, Any], name: str, value: float) -> None:
+    """Set hyperparameter `name` (a key of PARAMS) in a FinetuneConfig dict, at its full dotted path."""
+    p = PARAMS[name]
+    *sections, key = p.path.split(".")
+    node = config
+    for s in sections:
+        node = node[s]
+    node[key] = int(value) if p.integer else float(value)
+
+
+def flat_space(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A dumped `space` section with nested groups flattened to PARAMS names (`lora: {r: ...}` -> `lora.r`),
+    the parameters left out dropped."""
+    out = {}
+    for k, v in (space or {}).items():
+        if isinstance(v, dict) and "kind" not in v:
+            out.update({f"{k}.{sub}": spec for sub, spec in v.items() if spec})
+        elif v:
+            out[k] = v
+    return out
+
+
+class LoraSpace(Strict):
+    """LoRA's hyperparameters (base.model.peft.method must be lora); a parameter left out keeps base's value."""
+
+    r: ParamSpec | None = Field(None, description="model.peft.r, the adapter rank (choice of integers)")
+    alpha: ParamSpec | None = Field(None, description="model.peft.alpha, the adapter scaling numerator")
+    dropout: ParamSpec | None = Field(None, description="model.peft.dropout, on the adapter's input")
 
 
 class SpaceSection(Strict):
@@ -76,9 +110,17 @@ class SpaceSection(Strict):
     )
     warmup_steps: ParamSpec | None = Field(None, description="optim.warmup_steps (choice of integers)")
     micro_batch_size: ParamSpec | None = Field(None, description="optim.micro_batch_size (choice of integers)")
+    lora: LoraSpace | None = Field(None, description="LoRA's rank, alpha and dropout: lora.r, lora.alpha, lora.dropout")
 
     def searched(self) -> dict[str, ParamSpec]:
-        return {name: spec for name in PARAMS if (spec := getattr(self, name)) is not None}
+        """The parameters searched, by PARAMS name (`lora.r` for `lora: {r: ...}`)."""
+        out = {}
+        for name in PARAMS:
+            group, _, sub = name.rpartition(".")
+            node = getattr(self, group) if group else self
+            if node is not None and (spec := getattr(node, sub)) is not None:
+                out[name] = spec
+        return out
 
 
 class AshaSpec(Strict):
@@ -139,6 +181,10 @@ class SearchConfig(Strict):
             out.append("space: no hyperparameter is searched; give at least one of " + ", ".join(PARAMS))
         for name, spec in searched.items():
             out += _spec_problems(name, spec, self.base)
+        lora = sorted(n for n in searched if n.startswith("lora."))
+        if lora and self.base.model.peft.method == "none":
+            out.append(f"space.{lora[0]}: LoRA settings are searched but base.model.peft.method is 'none'; set "
+                       "base.model.peft.method=lora")
         s, a = self.search, self.search.asha
         if "://" in s.storage_path:
             out.append(f"search.storage_path: the report and the winner are written to a local or shared folder, "

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from aigc import console
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
+from aigc.lora import save_adapter_config, trainable_model
 from aigc.modeldir import load_model
-from aigc.modeling import freeze_all_but_top, param_groups, set_dropout
+from aigc.modeling import param_groups, set_dropout
 from aigc.schedule import make_scheduler
 from aigc.template import ensure_chat_template
 from aigc.zero import deepspeed_config
@@ -110,7 +111,7 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> Worke
     set_dropout(model, cfg.model.dropout)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    trainable, total = freeze_all_but_top(model, cfg.model.train_top_n_blocks)
+    model, trainable, total = trainable_model(model, cfg.model)  # freezing, or LoRA adapters on a frozen base
     ds_cfg = deepspeed_config(cfg, world_size, use_cuda, use_cuda and torch.cuda.is_bf16_supported())
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": state["step"], "epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 50.0)), "best_val_loss": state["best_val_loss"],
             "lr": scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"], "tokens_per_s": tokens_per_s,
-            "train_seconds": state["train_seconds"],
+            "train_seconds": state["train_seconds"], "trainable_params": built.trainable, "total_params": built.total,
             "stopped_early": state["stopped_early"], "done": final or state["stopped_early"],
         }
         with tempfile.TemporaryDirectory() as d:
@@ -167,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 engine.module.config.save_pretrained(os.path.join(d, HF_SUBDIR))
                 tokenizer.save_pretrained(os.path.join(d, HF_SUBDIR))
+                save_adapter_config(engine.module, os.path.join(d, HF_SUBDIR))  # LoRA: what the export rebuilds
                 with open(os.path.join(d, "metrics.json"), "w") as f:
                     json.dump(metrics, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -32,6 +32,9 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, use_cuda: bool, bf16_
     if z.stage == 3:
         # gather the full weights on rank 0 only when asked; exports consolidate from the checkpoint instead
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if z.param_persistence_threshold is not None:
+            # DeepSpeed keeps tensors under 1e5 elements whole on every rank: a tiny model is never really sharded
+            zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
     # DeepSpeedCPUAdam is required with optimizer offload (it compiles once, ~35 s); otherwise torch's
     # AdamW runs on whatever device holds the partition, with no op to compile.
     adam = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
