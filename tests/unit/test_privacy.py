@@ -188,3 +188,27 @@ def test_privacy_config_errors_say_why():
                                            "data.format=text"])
     with pytest.raises(ConfigError, match="privacy.max_grad_norm: not used with privacy.enabled=false"):
         load_config(FinetuneConfig, None, ["privacy.max_grad_norm=0.5"])
+
+
+def test_search_over_clip_and_noise_with_epsilon_beside_the_loss(tmp_path):
+    from aigc.report_data import TrialRecord
+    from aigc.search import trial_config
+    from aigc.search_config import SearchConfig
+
+    base = ["base.privacy.enabled=true", "base.privacy.noise_multiplier=1.0", "base.zero.stage=0",
+            "base.data.format=chat", "base.data.packing=false", f"search.storage_path={tmp_path}"]
+    space = ["space.max_grad_norm={kind: loguniform, low: 0.1, high: 10}",
+             "space.noise_multiplier={kind: choice, values: [0.5, 2.0]}"]
+    cfg = load_config(SearchConfig, None, [*base, *space])
+    t = trial_config(cfg, {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0, "max_grad_norm": 0.3,
+                           "noise_multiplier": 2.0}, "ab12_00001")
+    assert (t.privacy.max_grad_norm, t.privacy.noise_multiplier) == (0.3, 2.0)
+    with pytest.raises(ConfigError) as e:
+        load_config(SearchConfig, None, space)
+    assert "space.max_grad_norm: searches privacy.max_grad_norm, which needs base.privacy.enabled=true" in str(e.value)
+    with pytest.raises(ConfigError, match="replaces base.privacy.target_epsilon"):
+        load_config(SearchConfig, None, [*base, *space, "base.privacy.noise_multiplier=null",
+                                         "base.privacy.target_epsilon=8"])
+    row = TrialRecord("ab12_00001", "completed", {"noise_multiplier": 2.0},
+                      history=[{"step": 5, "val_loss": 2.0, "epsilon": 0.5}, {"step": 10, "val_loss": 1.5, "epsilon": 0.8}]).row()
+    assert (row["best_val_loss"], row["best_epsilon"]) == (1.5, 0.8)
