@@ -12,6 +12,7 @@ written by rank 0 (every rank holds the same weights); `fp32_state_dict` reads i
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -93,7 +94,13 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch. Without DP the loss is divided by grad_accum (as DeepSpeed does), so the
         window's gradient is the mean; with DP Opacus divides the window's clipped sum by the expected batch."""
-        (loss if self.dp is not None else loss / self.grad_accum).backward()
+        if self.dp is None:
+            (loss / self.grad_accum).backward()
+            return
+        with warnings.catch_warnings():
+            # Opacus' module hooks fire on outputs because token ids need no gradient: expected, said every run
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss.backward()
 
     def step(self) -> None:
         """End of a micro-batch: at the end of a window clip, update, step the lr schedule and count the step."""
