@@ -253,7 +253,8 @@ class ZeroSection(Strict):
     """DeepSpeed ZeRO: what is partitioned across workers and what is offloaded to host memory."""
 
     stage: Literal[0, 1, 2, 3] = Field(
-        2, description="0 off; 1 optimizer state, 2 + gradients, 3 + parameters partitioned across workers"
+        2, description="0: plain PyTorch DDP without DeepSpeed (every worker holds everything; cheaper for small models, "
+        "and what privacy.enabled needs); 1 optimizer state, 2 + gradients, 3 + parameters partitioned across workers",
     )
     offload_optimizer: bool = Field(False, description="optimizer state in CPU memory (DeepSpeedCPUAdam)")
     offload_param: bool = Field(False, description="parameters in CPU memory (stage 3 only)")
@@ -270,6 +271,31 @@ class ExportSection(Strict):
     merge: bool = Field(
         True, description="LoRA: also write the merged full model (what plain transformers and vLLM load); false: "
                           "the adapter only, loaded onto its recorded base by aigc.modeldir.load_model"
+    )
+
+
+class PrivacySection(Strict):
+    """Differentially private fine-tuning (DP-SGD with Opacus, `aigc.privacy`): each example's gradient is clipped
+    to `max_grad_norm` and Gaussian noise is added to their sum, on batches drawn by Poisson sampling. The
+    guarantee is (epsilon, delta) per training example: one row of the data (a prompt/completion pair or a
+    conversation). Needs zero.stage=0 and one example per row (data.packing=false); per-example clipping replaces
+    optim.grad_clip."""
+
+    enabled: bool = Field(False, description="train with DP-SGD; the other keys are used only when true")
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="epsilon the whole run may spend at delta: the noise multiplier is calibrated so "
+        "optim.max_steps reach it (give this or noise_multiplier)",
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="noise std / max_grad_norm, fixed (give this or target_epsilon); epsilon is reported",
+    )
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="delta of the guarantee; None: 1/N rounded down to a power of ten, N the "
+        "training examples (1,500 -> 1e-4)",
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clip (L2 norm over trainable parameters)")
+    accountant: Literal["rdp", "prv"] = Field(
+        "prv", description="privacy accountant: prv (privacy random variables, tighter) or rdp (Renyi DP)"
     )
 
 
@@ -334,6 +360,8 @@ class FinetuneConfig(Strict):
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers and their resources")
     eval: EvalSection = Field(default_factory=EvalSection, description="validation, early stopping, checkpoints kept")
     export: ExportSection = Field(default_factory=ExportSection, description="what the exported model directory holds")
+    privacy: PrivacySection = Field(default_factory=PrivacySection,
+                                    description="differentially private fine-tuning (DP-SGD): epsilon, delta, clipping")
 
     def problems(self) -> list[str]:
         """Cross-field checks that no single field can make; each names the keys involved."""
@@ -377,7 +405,36 @@ class FinetuneConfig(Strict):
                        "directories are written with file APIs; use a folder every node shares (e.g. /mnt/shared)")
         if self.eval.every_steps > o.max_steps:
             out.append(f"eval.every_steps: {self.eval.every_steps} > optim.max_steps={o.max_steps}: nothing would be validated")
-        return out
+        if z.stage == 0 and o.precision == "fp16":
+            out.append("optim.precision: zero.stage=0 (plain DDP) trains in fp32 or bf16, not fp16")
+        return out + _privacy_problems(self)
+
+
+def _privacy_problems(cfg: FinetuneConfig) -> list[str]:
+    """DP-SGD's requirements on the rest of the config (see PrivacySection)."""
+    p, d = cfg.privacy, cfg.data
+    if not p.enabled:
+        changed = sorted(k for k in type(p).model_fields if k != "enabled"
+                         and getattr(p, k) != type(p).model_fields[k].default)
+        return [f"privacy.{k}: not used with privacy.enabled=false" for k in changed]
+    out = []
+    if (p.target_epsilon is None) == (p.noise_multiplier is None):
+        out.append("privacy.target_epsilon: give exactly one of privacy.target_epsilon and privacy.noise_multiplier")
+    if cfg.zero.stage != 0:
+        out.append(f"privacy.enabled: needs zero.stage=0 (plain DDP), got zero.stage={cfg.zero.stage}: Opacus clips and "
+                   "noises each example's gradient on the real parameters before the workers reduce them, while ZeRO "
+                   "replaces the parameters with flat partitioned buffers and reduces the gradients itself")
+    if d.format == "text":
+        out.append("privacy.enabled: needs one example per row, but data.format=text packs documents into blocks (a "
+                   "block mixes documents, a document spans blocks); use data.format=prompt_completion or chat with "
+                   "data.packing=false")
+    elif d.packing:
+        out.append("privacy.enabled: needs data.packing=false: the unit sampled and clipped must be one example (one row "
+                   "of the data), not a packed block of several")
+    if cfg.model.gradient_checkpointing:
+        out.append("privacy.enabled: model.gradient_checkpointing is not supported: the recomputed forward would record "
+                   "each layer's activations for the per-example gradients twice")
+    return out
 
 
 def _pretrain_problems(p: PretrainRecipe, block_size: int) -> list[str]:

@@ -25,6 +25,7 @@ from aigc.comparison import comparison_rows, example_lines
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.corpus import ensure_embedded_corpus
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
+from aigc.ddp import fp32_state_dict, is_ddp_checkpoint
 from aigc.evaluate import TaskEval, evaluate_model, task_eval_inputs, task_prompt
 from aigc.generation import SamplingParams, generate
 from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
@@ -32,6 +33,7 @@ from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoi
 from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
+from aigc.privacy import DPPlan, plan, projected_epsilon
 from aigc.taskdata import training_texts
 from aigc.template import ensure_chat_template
 from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
@@ -129,13 +131,16 @@ def _remote_options(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
     """Consolidate a reported ZeRO checkpoint (any stage, offload or not) into the model directory format
-    with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights. A LoRA run's
-    checkpoint becomes its adapter on the base, merged too unless `config` says `export.merge: false`."""
-    # on call, in the export task: importing DeepSpeed detects the accelerator (on a CPU machine without
-    # DS_ACCELERATOR it prints a warning to stdout), which the driver, importing this module, must not
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with DeepSpeed's own `zero_to_fp32`, so the weights are exactly the fp32 master weights (zero.stage 0:
+    the DDP engine's own checkpoint, `aigc.ddp`)."""
+    if is_ddp_checkpoint(ckpt_dir, CKPT_TAG):
+        state = fp32_state_dict(ckpt_dir, CKPT_TAG)
+    else:
+        # on call, in the export task: importing DeepSpeed detects the accelerator (on a CPU machine without
+        # DS_ACCELERATOR it prints a warning to stdout), which the driver, importing this module, must not
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
     hf = os.path.join(ckpt_dir, HF_SUBDIR)
     if is_adapter_checkpoint(hf):
         merge = (config.get("export") or {}).get("merge", True)
@@ -221,9 +226,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     base, packed = prepared.base, prepared.packed
 
     sc = cfg.scaling
+    dp = plan_privacy(cfg, packed.blocks["train"])  # before any worker: a budget the steps would pass stops here
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base, "privacy": dp and dp.to_dict()},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=worker_bundle(sc)),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -249,8 +255,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     cfg_dict = cfg.model_dump(mode="json")
     export = ray.remote(_export_task).options(**_remote_options(cfg))
     best_dir, final_dir = str(run_dir / BEST_DIR), str(run_dir / FINAL_DIR)
-    ray.get([export.remote(best_ckpt, best_dir, cfg_dict, best_metrics, role="best", run=cfg.run.name),
-             export.remote(result.checkpoint, final_dir, cfg_dict, final_metrics, role="final", run=cfg.run.name)])
+    dp_meta = {"privacy": dp.to_dict()} if dp else {}  # aigc.json: the plan beside the metrics' epsilon and delta
+    ray.get([export.remote(best_ckpt, best_dir, cfg_dict, best_metrics, role="best", run=cfg.run.name, **dp_meta),
+             export.remote(result.checkpoint, final_dir, cfg_dict, final_metrics, role="final", run=cfg.run.name,
+                           **dp_meta)])
     print(f"[aigc] exported best (step {best_metrics.get('step')}, val loss {best_metrics.get('val_loss'):.4f}) -> "
           f"{best_dir}", flush=True)
 
@@ -264,7 +272,27 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
         for s in out.samples:
             print(f"[aigc] sample: {s['prompt']!r} -> {s['completion']!r}", flush=True)
     (run_dir / "summary.json").write_text(json.dumps(asdict(out), indent=2, default=str))
+    if dp:
+        print(f"[aigc] model card: {best_dir} was trained with differential privacy: "
+              f"({best_metrics['epsilon']:.3f}, {dp.delta:g})-DP per training example (DP-SGD, noise multiplier "
+              f"{dp.noise_multiplier:.4g}, clip {dp.max_grad_norm:g}, sample rate {dp.sample_rate:.4g}, "
+              f"{dp.accountant} accountant)", flush=True)
     return out
+
+
+def plan_privacy(cfg: FinetuneConfig, n_train_examples: int) -> DPPlan | None:
+    """The run's DP-SGD plan (`aigc.privacy.plan`) from its config and the training rows, printed; None without
+    privacy. Raises PrivacyBudgetError when the configured steps cannot stay within privacy.target_epsilon."""
+    if not cfg.privacy.enabled:
+        return None
+    o = cfg.optim
+    dp = plan(cfg.privacy, n_train_examples, cfg.scaling.num_workers, o.micro_batch_size * o.grad_accum,
+                      o.max_steps)
+    eps = projected_epsilon(dp, [], o.max_steps)
+    print(f"[aigc] privacy: {dp.n_examples} examples, sample rate {dp.sample_rate:.4g}, noise multiplier "
+          f"{dp.noise_multiplier:.4g}, clip {dp.max_grad_norm:g}: epsilon {eps:.3f} at delta {dp.delta:g} after "
+          f"{o.max_steps} steps ({dp.accountant})", flush=True)
+    return dp
 
 
 def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: PackedData,

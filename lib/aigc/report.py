@@ -44,13 +44,13 @@ class Report:
 
 
 def _columns(data: SearchData) -> list[str]:
-    return ["rank", "trial_id", "status", *data.param_names, "best_val_loss", "best_val_ppl", "best_step",
+    return ["rank", "trial_id", "status", *data.param_names, "best_val_loss", "best_epsilon", "best_val_ppl", "best_step",
             "final_val_loss", "final_val_ppl", *TRIAL_TASK_COLUMNS, *TRIAL_SIZE_COLUMNS, "steps", "asha_stopped", "asha_stop_step", "early_stopped", "error",
             "num_failures", "wall_s", "cpu_hours", "gpu_hours", "model_dir"]
 
 
 # How the HTML and Markdown tables show a column (trials.csv keeps full precision).
-CELL_FORMATS = {"best_val_loss": "{:.4f}", "final_val_loss": "{:.4f}", "best_val_ppl": "{:.2f}",
+CELL_FORMATS = {"best_val_loss": "{:.4f}", "best_epsilon": "{:.3f}", "final_val_loss": "{:.4f}", "best_val_ppl": "{:.2f}",
                 "final_val_ppl": "{:.2f}", "wall_s": "{:.0f}", "cpu_hours": "{:.4f}", "gpu_hours": "{:.4f}",
                 "floor_ratio": "{:.3f}", "greedy_valid_pct": "{:.1f}", "greedy_faithful_pct": "{:.1f}",
                 "trainable_pct": "{:.2f}", "adapter_mb": "{:.3f}"}

@@ -92,7 +92,7 @@ class TrialRecord:
         b, f = self.best, self.final
         return {
             "trial_id": self.trial_id, "status": self.status, **self.params,
-            "best_val_loss": b and b["val_loss"], "best_val_ppl": b and b.get("val_ppl"),
+            "best_val_loss": b and b["val_loss"], "best_epsilon": b and b.get("epsilon"), "best_val_ppl": b and b.get("val_ppl"),
             "best_step": b and b["step"], "final_val_loss": f and f["val_loss"], "final_val_ppl": f and f.get("val_ppl"),
             "steps": self.steps, "asha_stopped": self.asha_stop_step is not None, "asha_stop_step": self.asha_stop_step,
             "early_stopped": self.status == "early-stopped", "error": self.error, "num_failures": self.num_failures,
@@ -163,7 +163,7 @@ def _history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("val_loss") is None or r.get("step") is None:
             continue
         by_step[int(r["step"])] = {k: r.get(k) for k in ("step", "val_loss", "val_ppl", "train_loss", "best_val_loss",
-                                                          "lr", "tokens_seen", "stopped_early", "run_done",
+                                                          "lr", "tokens_seen", "stopped_early", "run_done", "epsilon",
                                                           "timestamp", "time_total_s", "trainable_params",
                                                           "total_params")}
     return [by_step[s] for s in sorted(by_step)]

@@ -63,6 +63,9 @@ PARAMS: dict[str, _Param] = {
     "lora.r": _Param("model.peft.r", ("choice",), 0, True, math.inf, True, integer=True),
     "lora.alpha": _Param("model.peft.alpha", ("loguniform", "uniform", "choice"), 0.0, True, math.inf, True),
     "lora.dropout": _Param("model.peft.dropout", ("uniform", "choice"), 0.0, False, 1.0, True),
+    # DP-SGD (base.privacy.enabled): the clip and the noise trade quality against epsilon, shown beside the loss
+    "max_grad_norm": _Param("privacy.max_grad_norm", ("loguniform", "choice"), 0.0, True, math.inf, True),
+    "noise_multiplier": _Param("privacy.noise_multiplier", ("loguniform", "uniform", "choice"), 0.0, True, math.inf, True),
 }
 
 
@@ -110,6 +113,10 @@ class SpaceSection(Strict):
     )
     warmup_steps: ParamSpec | None = Field(None, description="optim.warmup_steps (choice of integers)")
     micro_batch_size: ParamSpec | None = Field(None, description="optim.micro_batch_size (choice of integers)")
+    max_grad_norm: ParamSpec | None = Field(None, description="privacy.max_grad_norm (needs base.privacy.enabled)")
+    noise_multiplier: ParamSpec | None = Field(
+        None, description="privacy.noise_multiplier (needs base.privacy.enabled, without base.privacy.target_epsilon)"
+    )
     lora: LoraSpace | None = Field(None, description="LoRA's rank, alpha and dropout: lora.r, lora.alpha, lora.dropout")
 
     def searched(self) -> dict[str, ParamSpec]:
@@ -234,6 +241,10 @@ def _spec_problems(name: str, spec: ParamSpec, base: FinetuneConfig) -> list[str
         if below or above:
             lo, hi = ("(" if p.lo_open else "[") + f"{p.lo:g}", f"{p.hi:g}" + (")" if p.hi_open else "]")
             out.append(f"{k}: {v} is outside what {p.path} accepts: {lo}, {hi}")
+    if PARAMS[name].path.startswith("privacy.") and not base.privacy.enabled:
+        out.append(f"{key}: searches {p.path}, which needs base.privacy.enabled=true")
+    if name == "noise_multiplier" and base.privacy.target_epsilon is not None:
+        out.append(f"{key}: a searched noise multiplier replaces base.privacy.target_epsilon; remove that")
     if name == "warmup_steps":
         for k, v in checks:
             if v >= base.optim.max_steps:

@@ -1,4 +1,4 @@
-"""Ray Train + DeepSpeed ZeRO fine-tuning: a pure `train_loop_per_worker(config)` and the driver around it.
+"""Ray Train + DeepSpeed ZeRO (or plain DDP, `aigc.ddp`) fine-tuning: a pure `train_loop_per_worker(config)`.
 
 Per worker: load the base model through the shared loader, apply dropout and freezing, `deepspeed.initialize`
 (ZeRO 1/2/3, optional CPU offload) on the process group Ray made, train on this worker's disjoint shard with
@@ -18,18 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from aigc import console
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
+from aigc.ddp import build_engine
 from aigc.lora import save_adapter_config, trainable_model
 from aigc.modeldir import load_model
 from aigc.modeling import param_groups, set_dropout
+from aigc.privacy import DPPlan, PoissonBatches, check_budget
 from aigc.schedule import make_scheduler
 from aigc.template import ensure_chat_template
-from aigc.zero import deepspeed_config
+from aigc.zero import deepspeed_config, resolve_precision
 
 CKPT_TAG = "ds"  # DeepSpeed tag inside every reported checkpoint: <ckpt>/ds/...
 HF_SUBDIR = "hf"  # HF config + tokenizer saved beside the shards so an export needs nothing else
@@ -91,16 +94,11 @@ class WorkerModel:
         return "bf16" if self.ds_config["bf16"]["enabled"] else "fp16" if self.ds_config["fp16"]["enabled"] else "fp32"
 
 
-def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> WorkerModel:
+def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int, dp: DPPlan | None = None) -> WorkerModel:
     """Load the base model through the shared loader, apply dropout, gradient checkpointing and freezing,
-    and `deepspeed.initialize` it with this run's ZeRO config on the current process group. On a GPU
-    (scaling.use_gpu) the engine lives on this process's CUDA device, in bf16 where the GPU has it."""
-    # read when DeepSpeed builds or loads an op (torch.utils.cpp_extension, in deepspeed.initialize), not at import
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
-    # on call, in the worker: the driver imports this module too, and importing DeepSpeed detects the accelerator
-    # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
-    import deepspeed
-
+    and `deepspeed.initialize` it with this run's ZeRO config on the current process group (zero.stage 0: the
+    plain DDP engine of `aigc.ddp`, DP-SGD with `dp`). On a GPU (scaling.use_gpu) the engine lives on this
+    process's CUDA device, in bf16 where the GPU has it."""
     o = cfg.optim
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     torch.manual_seed(o.seed)
@@ -113,6 +111,16 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> Worke
         model.gradient_checkpointing_enable()
     model, trainable, total = trainable_model(model, cfg.model)  # freezing, or LoRA adapters on a frozen base
     ds_cfg = deepspeed_config(cfg, world_size, use_cuda, use_cuda and torch.cuda.is_bf16_supported())
+    if cfg.zero.stage == 0:  # no DeepSpeed: the batch and precision arithmetic of ds_cfg still describes the run
+        precision = resolve_precision(o.precision, use_cuda, use_cuda and torch.cuda.is_bf16_supported())
+        engine = build_engine(model, o, ray.train.torch.get_device(), "fp32" if precision == "fp16" else precision, dp)
+        return WorkerModel(engine, engine.scheduler, tokenizer, ds_cfg, trainable, total)
+    # read when DeepSpeed builds or loads an op (torch.utils.cpp_extension, in deepspeed.initialize), not at import
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
+    # on call, in the worker: the driver imports this module too, and importing DeepSpeed detects the accelerator
+    # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
+    import deepspeed
+
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
         lr_scheduler=make_scheduler(o),
@@ -121,14 +129,17 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int) -> Worke
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DeepSpeed rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id}."""
+    """One DeepSpeed (or DDP) rank. `config` = {"cfg": FinetuneConfig as dict, "base": model path or hub id,
+    "privacy": the driver's `aigc.privacy.DPPlan` as a dict, or None}."""
     cfg = FinetuneConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     o, ev = cfg.optim, cfg.eval
-    built = build_worker_model(cfg, config["base"], world)
+    dp = DPPlan(**config["privacy"]) if config.get("privacy") else None
+    built = build_worker_model(cfg, config["base"], world, dp)
     engine, scheduler, tokenizer, ds_cfg = built.engine, built.scheduler, built.tokenizer, built.ds_config
-    print0(f"[aigc] {world} workers | ZeRO-{cfg.zero.stage} | {built.trainable:,}/{built.total:,} params trainable | "
+    mode = f"ZeRO-{cfg.zero.stage}" if cfg.zero.stage else "DDP" + (" + DP-SGD" if dp else "")
+    print0(f"[aigc] {world} workers | {mode} | {built.trainable:,}/{built.total:,} params trainable | "
            f"{ds_cfg['train_batch_size']} blocks x {cfg.data.block_size} tokens per step | precision {built.precision}")
 
     # Everything needed to continue exactly where a checkpoint left off.
@@ -145,6 +156,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")  # cut on the driver, see aigc.data.shard_datasets
     val_shard = ray.train.get_dataset_shard(f"validation_{rank}")
+    poisson = None
+    if dp:  # DP-SGD samples its batches (Poisson, per example) instead of walking the shuffled shard
+        poisson = PoissonBatches.from_shard(train_shard, dp.sample_rate, o.grad_accum, o.seed, rank)
+        if poisson.n * world != dp.n_examples:
+            raise RuntimeError(f"privacy: the driver planned for {dp.n_examples} examples, the workers hold "
+                               f"{poisson.n} x {world}")
+        eps_end = check_budget(dp, engine.accountant.history, o.max_steps - state["step"])
+        print0(f"[aigc] DP-SGD: noise multiplier {dp.noise_multiplier:.4g} | clip {dp.max_grad_norm:g} | sample rate "
+               f"{dp.sample_rate:.4g} | epsilon {engine.epsilon():.3f} now, {eps_end:.3f} at step {o.max_steps} "
+               f"(delta {dp.delta:g}, {dp.accountant})")
     last_reported = state["step"] if ckpt else -1
 
     def checkpoint_and_report(train_loss: float, tokens_per_s: float, final: bool) -> None:
@@ -162,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"], "tokens_per_s": tokens_per_s,
             "train_seconds": state["train_seconds"], "trainable_params": built.trainable, "total_params": built.total,
             "stopped_early": state["stopped_early"], "done": final or state["stopped_early"],
+            **({"epsilon": engine.epsilon(), "delta": dp.delta} if dp else {}),
         }
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=CKPT_TAG, client_state=dict(state))  # every rank: its own shard files
@@ -174,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         last_reported = state["step"]
         print0(f"[aigc] {cfg.run.name} step {state['step']:>5} | val loss {val_loss:.4f} | val ppl {metrics['val_ppl']:.2f} | "
-               f"best {state['best_val_loss']:.4f}" + (" | early stop" if state["stopped_early"] else ""))
+               f"best {state['best_val_loss']:.4f}" + (f" | epsilon {metrics['epsilon']:.3f}" if dp else "")
+               + (" | early stop" if state["stopped_early"] else ""))
 
     t0, tokens0, step0 = time.time(), state["tokens_seen"], state["step"]
     window_loss, window_n, train_loss = 0.0, 0, float("nan")
@@ -184,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while state["step"] < o.max_steps and not state["stopped_early"]:
         skip = state["batch_in_epoch"]
         bucket = cfg.data.format != "text" and not cfg.data.packing  # one example per row: batch by length
-        batches = train_batches(train_shard, o.micro_batch_size, o.seed + state["epoch"], bucket)
+        batches = (poisson.epoch(state["epoch"]) if poisson else
+                   train_batches(train_shard, o.micro_batch_size, o.seed + state["epoch"], bucket))
         for i, batch in enumerate(batches):
             if i < skip:  # exact resume: the shard and its shuffle are deterministic, so skip what was seen
                 continue
