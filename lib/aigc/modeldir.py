@@ -185,3 +185,10 @@ def copy_model_dir(src: str | os.PathLike, dst: str | os.PathLike, **extra_meta:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def fingerprint(meta: dict[str, Any]) -> str:
+    """A model directory's identity from its files' checksums in aigc.json (not the metadata, which grows when an
+    evaluation is recorded): what Serve answers as `system_fingerprint` and the registry tags a version with."""
+    files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
+    return "fp_" + hashlib.sha256(files).hexdigest()[:12]
