@@ -38,6 +38,7 @@ from typing import Any
 # a run folder
 RUN_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+SUMMARY = "summary.json"
 BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
 
 # a search folder

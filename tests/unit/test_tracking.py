@@ -132,3 +132,23 @@ def test_tracking_config():
     with pytest.raises(ConfigError, match=r"base\.tracking: a search is tracked through its own"):
         build(SearchConfig, {"base": {"tracking": {"enabled": False}}})
     assert build(SearchConfig, {"tracking": {"enabled": False}}).tracking.enabled is False
+
+
+def test_the_pipeline_makes_the_deployed_winner_champion(root, tmp_path, monkeypatch):
+    """What the pipeline does once Serve answers: the winner the search registered (as challenger) becomes the
+    champion, found by its fingerprint (no second version); with tracking off, nothing is written."""
+    from aigc.pipeline import mark_champion
+    from aigc.pipeline_config import PipelineConfig
+
+    monkeypatch.chdir(tmp_path)
+    winner = fake_model_dir(tmp_path / "winner", b"w")
+    cfg = build(PipelineConfig, {"search": {"storage_path": str(root)},
+                                 "tracking": {"experiment": "pipeline", "registered_model": "pipeline"}})
+    search = open_tracker(cfg.tracking, cfg.search.storage_path)
+    registered = search.start_run("search").register_model(winner, alias=CHALLENGER)
+    champion = mark_champion(cfg, str(winner))
+    assert champion.version == registered.version and set(champion.aliases) == {CHAMPION, CHALLENGER}
+    assert search.version_by_alias(CHAMPION).fingerprint == fingerprint(read_metadata(winner))
+
+    off = build(PipelineConfig, {"search": {"storage_path": str(tmp_path / "off")}, "tracking": {"enabled": False}})
+    assert mark_champion(off, str(winner)) is None and not (tmp_path / "off").exists()
