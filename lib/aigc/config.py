@@ -349,6 +349,30 @@ class RunSection(Strict):
     )
 
 
+class TrackingSection(Strict):
+    """Experiment tracking and the model registry (MLflow, from the driver side only, see `aigc.tracking`): the
+    config as flattened params, the metrics of every validation, the before/after tables and reports as
+    artifacts, and each exported model as a version of a registered model (aliases `champion`, `challenger`)."""
+
+    enabled: bool = Field(True, description="false: nothing is logged and no tracking file or database is written")
+    uri: str | None = Field(
+        None, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:",
+        description="MLflow tracking URI, e.g. http://mlflow.internal:5000 for a shared server or "
+                    "postgresql://...; None: sqlite:///<storage root>/mlflow.db (a file, nothing to start; the "
+                    "storage root is run.storage_path for a fine-tune, search.storage_path for a search)",
+    )
+    experiment: str = Field(
+        "aigc", min_length=1, max_length=500,
+        description="MLflow experiment the runs go to; created on first use with its artifacts under the storage "
+                    "root (a shared server keeps its own artifact store)",
+    )
+    registered_model: str = Field(
+        "aigc", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,249}$",
+        description="registered model whose versions the exported models become: alias `challenger` is the last "
+                    "candidate, `champion` what Serve runs",
+    )
+
+
 class FinetuneConfig(Strict):
     """Everything one fine-tuning run needs; `jobs/finetune.py` loads it."""
 
@@ -362,6 +386,8 @@ class FinetuneConfig(Strict):
     export: ExportSection = Field(default_factory=ExportSection, description="what the exported model directory holds")
     privacy: PrivacySection = Field(default_factory=PrivacySection,
                                     description="differentially private fine-tuning (DP-SGD): epsilon, delta, clipping")
+    tracking: TrackingSection = Field(default_factory=TrackingSection,
+                                      description="MLflow tracking of the run and registry of its best model")
 
     def problems(self) -> list[str]:
         """Cross-field checks that no single field can make; each names the keys involved."""

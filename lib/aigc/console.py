@@ -82,7 +82,7 @@ KNOWN_FORWARDED_LINES: list[str] = [
 ]
 
 # Library chatter below WARNING, silenced by level at `info` (their warnings and errors still show).
-QUIET_LOGGERS = ("ray.tune", "ray.serve", "ray.data", "DeepSpeed")
+QUIET_LOGGERS = ("ray.tune", "ray.serve", "ray.data", "DeepSpeed", "mlflow")
 
 # Environment the libraries read at import, set (unless the user set it) before any of them is imported.
 QUIET_ENV = {
@@ -95,6 +95,8 @@ QUIET_ENV = {
     # Tune 2.60's new console output prints its experiment header box even at verbose=0; the classic
     # reporter prints nothing at verbose=0 (trial errors are still logged at ERROR).
     "RAY_AIR_NEW_OUTPUT": "0",
+    # MLflow logs "Creating initial MLflow database tables..." and its migrations at INFO on its own stderr handler
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
 

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from aigc import console
+from aigc import console, tracking
 from aigc.comparison import comparison_rows, example_lines
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.corpus import ensure_embedded_corpus
@@ -28,7 +28,16 @@ from aigc.data import DataError, PackedData, load_splits, make_data_config, shar
 from aigc.ddp import fp32_state_dict, is_ddp_checkpoint
 from aigc.evaluate import TaskEval, evaluate_model, task_eval_inputs, task_prompt
 from aigc.generation import SamplingParams, generate
-from aigc.layout import BASE_DIR, BEST_DIR, FINAL_DIR, METRICS_LOG, RUN_CONFIG, read_json_lines
+from aigc.layout import (
+    BASE_DIR,
+    BEST_DIR,
+    FINAL_DIR,
+    METRICS_LOG,
+    RUN_CONFIG,
+    SUMMARY,
+    TRACKING_RECORD,
+    read_json_lines,
+)
 from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoint
 from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
@@ -72,6 +81,43 @@ class ReportLog(UserCallback):
         row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
+
+
+class TrackReports(UserCallback):
+    """Logs every report's metrics (rank 0's) to the run's MLflow run at its optimizer step. Train calls it in its
+    controller (one process, on the driver's node), never on a worker."""
+
+    def __init__(self, run: tracking.TrackedRun):
+        self.run = run
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        try:
+            self.run.log_metrics(metrics[0], step=int(metrics[0].get("step", 0)))
+        except Exception as e:  # a tracking store that is down must not stop the training (metrics.jsonl has it all)
+            print(f"[aigc] tracking: could not log step {metrics[0].get('step')} to MLflow: {e}", flush=True)
+
+
+def start_tracking(cfg: FinetuneConfig, run_dir: Path) -> tracking.TrackedRun | None:
+    """The run's MLflow run with its config as params (the same MLflow run when the run resumes); None when
+    `tracking.enabled` is false."""
+    tracker = tracking.open_tracker(cfg.tracking, cfg.run.storage_path)
+    if tracker is None:
+        return None
+    return tracker.start_run(cfg.run.name, params=cfg.model_dump(mode="json"), tags={tracking.KIND_TAG: "finetune"},
+                             record=run_dir / TRACKING_RECORD)
+
+
+def finish_tracking(run: tracking.TrackedRun, run_dir: Path, out: FinetuneResult) -> None:
+    """The run's config, metrics log, summary and before/after evaluation as artifacts; its best model registered
+    as the `challenger`; the MLflow run finished."""
+    run.log_artifacts([run_dir / RUN_CONFIG, run_dir / METRICS_LOG, run_dir / SUMMARY])
+    if out.evaluation:
+        run.log_evaluation(out.evaluation)
+    registered = run.register_model(out.best_dir, alias=tracking.CHALLENGER) if out.best_dir else None
+    run.end()
+    print(f"[aigc] tracked: MLflow run {run.run_id} in {run.tracker.uri}"
+          + (f"; best model is {run.tracker.registered_model} version {registered.version} ({tracking.CHALLENGER})"
+             if registered else ""), flush=True)
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -223,6 +269,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     (run_dir / RUN_CONFIG).write_text(to_yaml(cfg))
     prepared = prepared or prepare(cfg, run_dir)
     init_ray()
+    tracked = start_tracking(cfg, run_dir)
     base, packed = prepared.base, prepared.packed
 
     sc = cfg.scaling
@@ -240,7 +287,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
             failure_config=FailureConfig(max_failures=sc.max_failures),
             logging_config=console.train_logging(),
             callbacks=[*([ReportLog(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
-                       *(callbacks or [])],
+                       *([TrackReports(tracked)] if tracked else []), *(callbacks or [])],
         ),
         datasets=shard_datasets(packed, sc.num_workers),
         dataset_config=make_data_config(),
@@ -271,12 +318,14 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
         out.samples = sample_generations(best_dir, cfg.run.samples, task=task)
         for s in out.samples:
             print(f"[aigc] sample: {s['prompt']!r} -> {s['completion']!r}", flush=True)
-    (run_dir / "summary.json").write_text(json.dumps(asdict(out), indent=2, default=str))
+    (run_dir / SUMMARY).write_text(json.dumps(asdict(out), indent=2, default=str))
     if dp:
         print(f"[aigc] model card: {best_dir} was trained with differential privacy: "
               f"({best_metrics['epsilon']:.3f}, {dp.delta:g})-DP per training example (DP-SGD, noise multiplier "
               f"{dp.noise_multiplier:.4g}, clip {dp.max_grad_norm:g}, sample rate {dp.sample_rate:.4g}, "
               f"{dp.accountant} accountant)", flush=True)
+    if tracked:
+        finish_tracking(tracked, run_dir, out)
     return out
 
 

@@ -7,6 +7,7 @@ A fine-tuning run, `<run.storage_path>/<run.name>/` (`aigc.finetune`):
     checkpoint_*/          Ray Train's checkpoints (ZeRO shards + metrics.json)
     base/ best/ final/     model directories: the embedded base, the lowest-validation-loss and the last step
     summary.json           what `run_finetune` returned
+    mlflow_run.json        the run's MLflow run (id, experiment, store), so a resumed run logs to the same one
 
 A search, `<search.storage_path>/<search.name>/` (`aigc.search`, read back by `aigc.report`):
 
@@ -17,6 +18,12 @@ A search, `<search.storage_path>/<search.name>/` (`aigc.search`, read back by `a
     asha_stops.jsonl       one line per trial that ASHA stopped: when and at what loss
     winner/                the best trial's model directory (checksummed; what Serve deploys)
     report.html, report.md, trials.csv, plots/   see `aigc.report`
+    mlflow_run.json        the search's MLflow run (each trial's child run: in its run folder, as above)
+
+A storage root (`run.storage_path`, `search.storage_path`) also holds the default tracking store (`aigc.tracking`):
+
+    mlflow.db              the SQLite database of MLflow's runs and model registry
+    mlartifacts/           the artifacts of its runs, <experiment id>/<run id>/artifacts/
 
 Only names live here (and `read_json_lines`): this module imports nothing of aigc, so the search, the
 report and the fine-tuning driver can all use it without importing each other.
@@ -31,6 +38,7 @@ from typing import Any
 # a run folder
 RUN_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+SUMMARY = "summary.json"
 BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
 
 # a search folder
@@ -40,6 +48,10 @@ ASHA_LEDGER = "asha_stops.jsonl"
 TRIAL_DONE = "trial.json"  # in a trial's run folder: written when the trial has exported its model
 TRIAL_ATTEMPTS = "attempts.jsonl"  # in a trial's run folder: one line per start (retries and resumes add lines)
 REPORT_HTML, REPORT_MD, TRIALS_CSV, PLOTS_DIR = "report.html", "report.md", "trials.csv", "plots"
+
+# tracking (aigc.tracking): a run's or search's MLflow run, and the default store in a storage root
+TRACKING_RECORD = "mlflow_run.json"
+TRACKING_DB, TRACKING_ARTIFACTS = "mlflow.db", "mlartifacts"
 
 # what Ray Tune writes (its names, read by the report and a resume)
 TUNE_STATE_GLOB = "experiment_state-*.json"  # one per driver session, named by its start time

@@ -315,3 +315,11 @@ def copy_model_dir(src: str | os.PathLike, dst: str | os.PathLike, **extra_meta:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def files_fingerprint(meta: dict[str, Any]) -> str:
+    """A model directory's short identity from all its files' checksums in aigc.json (`fingerprint` covers only a
+    model's full weights, so that it also names a plain base or an adapter's base) (not the metadata, which grows when an
+    evaluation is recorded): what Serve answers as `system_fingerprint` and the registry tags a version with."""
+    files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
+    return "fp_" + hashlib.sha256(files).hexdigest()[:12]

@@ -12,6 +12,7 @@ from typing import Any
 from openai import APIConnectionError, APIStatusError, InternalServerError, OpenAI
 from ray import serve
 
+from aigc import tracking
 from aigc.config import DataSection
 from aigc.corpus import ensure_embedded_corpus
 from aigc.pipeline_config import DeploySection, PipelineConfig
@@ -100,6 +101,18 @@ def print_smoke(generations: list[dict[str, Any]]) -> None:
             print(f"[aigc] {g['prompt']!r} -> {g['completion']!r}", flush=True)
 
 
+def mark_champion(cfg: PipelineConfig, model_dir: str) -> tracking.ModelVersionInfo | None:
+    """Move the registry's `champion` alias to the model Serve now runs (the search registered it as a version;
+    found by its fingerprint, registered here should it not be); None when `tracking.enabled` is false."""
+    tracker = tracking.open_tracker(cfg.tracking, cfg.search.storage_path)
+    if tracker is None:
+        return None
+    version = tracker.register_model(model_dir, alias=tracking.CHAMPION)
+    print(f"[aigc] registry: {tracker.registered_model} version {version.version} ({version.fingerprint}) is the "
+          f"{tracking.CHAMPION}", flush=True)
+    return version
+
+
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
     result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))
@@ -111,6 +124,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     served = parse_args({**cfg.deploy.args, "model_dir": result.winner_dir})
     key = served.api_keys[0] if served.api_keys else None
     generations = smoke(url, cfg.deploy, served.served_name, smoke_requests(cfg.base.data, cfg.deploy), key)
+    mark_champion(cfg, result.winner_dir)  # once it answers: the champion is what Serve runs
     print(f"[aigc] endpoint: {url}/v1  (OpenAI base_url; model {served.served_name!r})", flush=True)
     if cfg.base.data.format == "chat":
         body = {"model": served.served_name, "max_tokens": 96,

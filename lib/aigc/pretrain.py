@@ -38,6 +38,7 @@ from aigc.config import (
     PretrainRecipe,
     RunSection,
     ScalingSection,
+    TrackingSection,
     expand,
     to_yaml,
 )
@@ -69,6 +70,7 @@ def _pretrain_run(p: PretrainRecipe, run: RunSection, scaling: ScalingSection) -
                           micro_batch_size=p.batch_size // p.num_workers, grad_accum=1, seed=p.seed),
         scaling=scaling.model_copy(update={"num_workers": p.num_workers}),
         eval=EvalSection(every_steps=p.eval_every, patience=None, keep_top_k=1, log_every=max(1, p.eval_every // 4)),
+        tracking=TrackingSection(enabled=False),  # a cache build, not a model line: never a registry version
     )
 
 

@@ -46,7 +46,7 @@ class Report:
 def _columns(data: SearchData) -> list[str]:
     return ["rank", "trial_id", "status", *data.param_names, "best_val_loss", "best_epsilon", "best_val_ppl", "best_step",
             "final_val_loss", "final_val_ppl", *TRIAL_TASK_COLUMNS, *TRIAL_SIZE_COLUMNS, "steps", "asha_stopped", "asha_stop_step", "early_stopped", "error",
-            "num_failures", "wall_s", "cpu_hours", "gpu_hours", "model_dir"]
+            "num_failures", "wall_s", "cpu_hours", "gpu_hours", "mlflow_run", "model_dir"]
 
 
 # How the HTML and Markdown tables show a column (trials.csv keeps full precision).
@@ -203,6 +203,10 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
                 cells.append(f"<td class='err' title='{e(v or '')}'>{e(short or '')}</td>")
             elif c == "trial_id":
                 cells.append(f"<td class='l'><code>{e(str(v))}</code></td>")
+            elif c == "mlflow_run":  # the trial's MLflow run: a link on a tracking server, else its id
+                run, url = f"<code>{e(v or '')}</code>", r.get("mlflow_url")
+                link = f"<a href='{e(url)}'>{run}</a>" if url else run
+                cells.append(f"<td class='l'>{link}</td>")
             else:
                 cells.append(f"<td>{e(_cell(c, v))}</td>")
         body.append(f"<tr class='{'best' if r['trial_id'] == best_id else ''}'>{''.join(cells)}</tr>")
@@ -237,7 +241,8 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
 <h2>Trials, ranked by best validation loss</h2>
 <div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>
 <p class="sub">wall_s: seconds from the trial's start to its end (or its last report); CPU/GPU-hours: wall time x
-the resources the trial held. Trial models: <code>trials/trial-&lt;id&gt;/best</code>.</p>
+the resources the trial held. Trial models: <code>trials/trial-&lt;id&gt;/best</code>; mlflow_run: the trial's run in
+the MLflow store (tracking.uri), a child of the search's run.</p>
 <h2>Plots</h2>{''.join(figs)}
 <h2>Search space</h2><ul>{space}</ul>
 {'<h2>Errors</h2>' + ''.join(errors) if errors else ''}
@@ -274,7 +279,7 @@ def render_md(data: SearchData) -> str:
     return "\n".join(lines) + "\n"
 
 
-TEXT_HIDDEN = {"best_val_ppl", "final_val_ppl", "cpu_hours", "gpu_hours", "error"}  # in report.md, too wide here
+TEXT_HIDDEN = {"best_val_ppl", "final_val_ppl", "cpu_hours", "gpu_hours", "error", "mlflow_run"}  # in report.md, too wide here
 
 
 def render_text(data: SearchData) -> str:

@@ -23,6 +23,7 @@ from aigc.layout import (
     BEST_DIR,
     METRICS_LOG,
     SEARCH_YAML,
+    TRACKING_RECORD,
     TRIAL_DONE,
     TRIALS_DIR,
     TUNE_DIR,
@@ -63,6 +64,7 @@ class TrialRecord:
     model_dir: str | None = None
     evaluation: dict[str, Any] | None = None  # the best model's before/after evaluation, when the trial ran one
     adapter: bool = False  # trains a LoRA adapter (base.model.peft.method)
+    mlflow_run: dict[str, Any] | None = None  # the trial's MLflow run ({"run_id", "url", ...}) when it was tracked
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -98,6 +100,7 @@ class TrialRecord:
             "early_stopped": self.status == "early-stopped", "error": self.error, "num_failures": self.num_failures,
             "wall_s": round(self.wall_s, 1), "cpu_hours": round(self.cpu_hours, 5), "gpu_hours": round(self.gpu_hours, 5),
             "model_dir": self.model_dir, **{k: self.tuned.get(k) for k in TRIAL_TASK_COLUMNS}, **self.sizes(),
+            "mlflow_run": (self.mlflow_run or {}).get("run_id"), "mlflow_url": (self.mlflow_run or {}).get("url"),
         }
 
     def sizes(self) -> dict[str, float | None]:
@@ -235,11 +238,13 @@ def load_search(search_dir: str | os.PathLike) -> SearchData:
             starts.append((first.get("timestamp") or 0) - (first.get("time_total_s") or 0))
         best_dir = run_dir / BEST_DIR / METADATA
         evaluation = json.loads(best_dir.read_text()).get("evaluation") if best_dir.is_file() else None
+        tracked = run_dir / TRACKING_RECORD
         trials.append(TrialRecord(
             trial_id=tid, status=status, params=params, history=hist, error=err, error_text=err_text,
             asha_stop_step=(stop or {}).get("step"), wall_s=wall, cpu_hours=wall * cpus / 3600,
             gpu_hours=wall * gpus / 3600, num_failures=int(st.get("num_failures") or 0),
             model_dir=str(best_dir.parent) if best_dir.is_file() else None, evaluation=evaluation, adapter=adapter,
+            mlflow_run=json.loads(tracked.read_text()) if tracked.is_file() else None,
         ))
     trials.sort(key=lambda t: (t.best_val_loss is None, t.best_val_loss if t.best_val_loss is not None else 0, t.trial_id))
     winner = None

@@ -25,7 +25,7 @@ import ray.data
 import yaml
 from ray import tune
 
-from aigc import console, tuning
+from aigc import console, tracking, tuning
 from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
 from aigc.evaluate import task_eval_inputs
 from aigc.finetune import (
@@ -42,6 +42,7 @@ from aigc.layout import (
     BEST_DIR,
     RUN_CONFIG,
     SEARCH_YAML,
+    TRACKING_RECORD,
     TRIAL_ATTEMPTS,
     TRIAL_DONE,
     TRIALS_DIR,
@@ -77,6 +78,7 @@ def trial_config(cfg: SearchConfig, params: dict[str, Any], trial_id: str) -> Fi
         set_param(data, name, value)
     data["run"].update(name=trial_run_name(trial_id), storage_path=str(search_dir_of(cfg) / TRIALS_DIR),
                        evaluate=False, samples=0)
+    data["tracking"]["enabled"] = False  # the search's driver tracks each trial as its child run (tuning.TrackTrials)
     return build(FinetuneConfig, data, f"trial {trial_id}")
 
 
@@ -192,23 +194,14 @@ RESUMABLE_CHANGES = ("search.max_concurrent", "search.max_failures", "search.res
                      "base.scaling.max_failures", "base.eval.log_every", "base.run.torch_extensions_dir")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 def check_resume(cfg: SearchConfig, sdir: Path) -> bool:
     """True when `sdir` holds a started search to resume; a ConfigError when it was started with another
     config. (A folder whose search never reached Tune, e.g. a data error, is simply started again.)"""
     saved_path = sdir / SEARCH_YAML
     if not saved_path.is_file() or not any((sdir / TUNE_DIR).glob(TUNE_STATE_GLOB)):
         return False
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flatten(cfg.model_dump(mode="json"))
+    saved = tracking.flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = tracking.flatten(cfg.model_dump(mode="json"))
     differ = sorted(k for k in set(saved) | set(now)
                     if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if differ:
@@ -292,6 +285,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
           f"({cfg.search.algorithm}{', ASHA' if cfg.search.asha.enabled else ''}) -> {sdir}", flush=True)
     # search.yaml keeps what was asked for (a resume compares it); the trials fine-tune the resolved base
     cfg = cfg.model_copy(update={"base": resolve_base(cfg.base)})
+    tracked = start_tracking(cfg, sdir)
 
     with PlacementGroupReaper():  # frees the reservations of trials Tune stopped (see its docstring)
         full = prepare(cfg.base, sdir)
@@ -319,7 +313,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
                     trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
-                    name=TUNE_DIR, storage_path=str(sdir), callbacks=tune_callbacks,
+                    name=TUNE_DIR, storage_path=str(sdir),
+                    callbacks=[*(tune_callbacks or []), *([tuning.TrackTrials(tracked, sdir / TRIALS_DIR)] if tracked else [])],
                     failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                     verbose=console.tune_verbosity(),  # silent at info: the trial table is printed below
                 ),
@@ -331,6 +326,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     if winner and cfg.base.run.evaluate:
         evaluate_winner(cfg.base, full, winner)
     report = write_report(sdir)
+    if tracked:
+        finish_tracking(tracked, sdir, report.files, winner, interrupted)
     data = report.data
     print(render_text(data), flush=True)
     best = data.trials[0] if data.trials and data.trials[0].best_val_loss is not None else None
@@ -340,6 +337,37 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
         winner_dir=str(winner) if winner else None, report=report.files, interrupted=interrupted,
         concurrency=concurrency, resumed=resuming, errors={t.trial_id: t.error for t in data.trials if t.error},
     )
+
+
+def start_tracking(cfg: SearchConfig, sdir: Path) -> tracking.TrackedRun | None:
+    """The search's MLflow run with its config as params (the same MLflow run when the search resumes); its trials
+    become child runs (`tuning.TrackTrials`). None when `tracking.enabled` is false."""
+    tracker = tracking.open_tracker(cfg.tracking, cfg.search.storage_path)
+    if tracker is None:
+        return None
+    return tracker.start_run(cfg.search.name, params=cfg.model_dump(mode="json"), tags={tracking.KIND_TAG: "search"},
+                             record=sdir / TRACKING_RECORD)
+
+
+def finish_tracking(run: tracking.TrackedRun, sdir: Path, report: dict[str, str], winner: Path | None,
+                    interrupted: bool) -> None:
+    """The report (HTML, Markdown, trials.csv, plots) and search.yaml as artifacts; the winner's evaluation and
+    metrics, and the winner registered as the `challenger`; the run FINISHED, or KILLED when the search was
+    interrupted (running it again continues the same MLflow run)."""
+    run.log_artifacts([sdir / SEARCH_YAML])
+    for name, path in report.items():
+        run.log_artifacts([path], artifact_path=os.path.dirname(name) or None)
+    registered = None
+    if winner:
+        meta = read_metadata(winner)
+        run.log_metrics({f"winner.{k}": v for k, v in meta.get("metrics", {}).items()}, step=meta.get("step") or 0)
+        if meta.get("evaluation"):
+            run.log_evaluation(meta["evaluation"])
+        registered = run.register_model(winner, alias=tracking.CHALLENGER)
+    run.end("KILLED" if interrupted else "FINISHED")
+    print(f"[aigc] tracked: MLflow run {run.run_id} in {run.tracker.uri} (a child run per trial)"
+          + (f"; the winner is {run.tracker.registered_model} version {registered.version} ({tracking.CHALLENGER})"
+             if registered else ""), flush=True)
 
 
 def evaluate_winner(base_cfg: FinetuneConfig, prepared: Prepared, winner: Path) -> None:

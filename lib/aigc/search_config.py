@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from aigc.config import ConfigError, FinetuneConfig, Strict, expand
+from aigc.config import ConfigError, FinetuneConfig, Strict, TrackingSection, expand
 
 
 class ParamSpec(Strict):
@@ -180,9 +180,16 @@ class SearchConfig(Strict):
     search: SearchSection = Field(
         default_factory=SearchSection, description="how the search runs: algorithm, trials, concurrency, storage"
     )
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection,
+        description="MLflow: the search as a run, each trial as a child run, the winner as a registered version",
+    )
 
     def problems(self) -> list[str]:
         out = [f"base.{p}" for p in self.base.problems()]
+        if self.base.tracking != TrackingSection():  # the trials are tracked by the search, as its child runs
+            out.append("base.tracking: a search is tracked through its own `tracking` section (the trials become its "
+                       "child runs); set tracking.* instead")
         searched = self.space.searched()
         if not searched:
             out.append("space: no hyperparameter is searched; give at least one of " + ", ".join(PARAMS))

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from aigc import raycompat
-from aigc.layout import TUNE_RESULTS, read_json_lines
+from aigc import raycompat, tracking
+from aigc.layout import TRACKING_RECORD, TUNE_RESULTS, read_json_lines, trial_run_name
 from aigc.search_config import SearchConfig, full_rounds
 
 METRIC, MODE = "val_loss", "min"
@@ -32,6 +34,55 @@ class ForwardToTune(TuneReportCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         metrics = [{RENAMED_METRICS.get(k, k): v for k, v in m.items()} for m in metrics]
         super().after_report(run_context, metrics, checkpoint)
+
+
+class TrackTrials(Callback):
+    """Each trial as a child run of the search's MLflow run, logged from the search's driver: its hyperparameters
+    when it starts, its validation metrics at their optimizer step, FINISHED or FAILED at its end. The child's
+    run id goes into the trial's run folder (`mlflow_run.json`), where the report links it and a resumed search
+    finds the same run again.
+
+    Not Ray's `MLflowLoggerCallback`: that one steps metrics by Tune's iteration count (the fine-tune runs use the
+    optimizer step), logs Tune's bookkeeping fields as metrics, starts a second run when a resumed search
+    restarts a trial, and keeps its run ids to itself."""
+
+    SKIP = (*AUTO_RESULT_KEYS, "step", "trial_id", "done")  # Tune's fields, not the trial's metrics
+
+    def __init__(self, parent: tracking.TrackedRun, trials_dir: Path):
+        self.parent, self.trials_dir = parent, Path(trials_dir)
+        self.runs: dict[str, tracking.TrackedRun] = {}
+
+    def _guarded(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # a tracking store that is down must not stop the search (its files have it all)
+            print(f"[aigc] tracking: could not {what} in MLflow: {e}", flush=True)
+            return None
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        name = trial_run_name(trial.trial_id)
+        run = self._guarded(f"start the run of trial {trial.trial_id}", self.parent.start_child, name,
+                            params=trial.config, tags={tracking.KIND_TAG: "trial", "aigc.trial_id": trial.trial_id},
+                            record=self.trials_dir / name / TRACKING_RECORD)
+        if run:
+            self.runs[trial.trial_id] = run
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run = self.runs.get(trial.trial_id)
+        if run and result.get("step") is not None:
+            self._guarded(f"log step {result['step']} of trial {trial.trial_id}", run.log_metrics, result,
+                          step=result["step"], exclude=self.SKIP)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+    def _end(self, trial: Any, status: str) -> None:
+        run = self.runs.pop(trial.trial_id, None)
+        if run:
+            self._guarded(f"end the run of trial {trial.trial_id}", run.end, status)
 
 
 class RecordingASHA(AsyncHyperBandScheduler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ import torch
 
 from aigc.config import FinetuneConfig, load_config
 from aigc.finetune import read_metrics_log, run_finetune
-from aigc.modeldir import METADATA, verify_model_dir
+from aigc.modeldir import METADATA, files_fingerprint, verify_model_dir
 from conftest import TEXT_RANDOM
 
 pytestmark = pytest.mark.integration
@@ -25,6 +26,14 @@ TINY = [
     "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2", "optim.lr=5e-3",
     "eval.log_every=10", "eval.keep_top_k=10", "eval.patience=null", "run.samples=1", *TEXT_RANDOM,
 ]
+
+
+def mlflow_run(run_dir: str | Path) -> tuple:
+    """(client, run id) of a run's MLflow run in the default store of its storage root."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{Path(run_dir).parent / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), json.loads((Path(run_dir) / "mlflow_run.json").read_text())["run_id"]
 
 
 def tiny_cfg(tmp_path: Path, name: str, *overrides: str) -> FinetuneConfig:
@@ -53,6 +62,17 @@ def test_zero_run_learns_and_exports(ray_local, tmp_path, stage):
     assert verify_model_dir(result.best_dir)["metrics"]["val_loss"] == min(r["val_loss"] for r in log)
     assert "evaluation" in verify_model_dir(result.best_dir)
     assert result.samples and result.samples[0]["completion"]
+    # tracked in MLflow (the default SQLite store in the storage root): config, metrics by step, the before/after
+    # tables and logs, and the best model as the registry's challenger, tagged with the fingerprint Serve reports
+    client, run_id = mlflow_run(result.run_dir)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["zero.stage"] == str(stage)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == \
+        [(r["step"], r["val_loss"]) for r in log]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "metrics.jsonl", "summary.json", "evaluation"}
+    challenger = client.get_model_version_by_alias("aigc", "challenger")
+    assert challenger.run_id == run_id and challenger.source == str(Path(result.best_dir).resolve())
+    assert challenger.tags["aigc.fingerprint"] == files_fingerprint(verify_model_dir(result.best_dir))
     if stage == 3:
         check_export_equals_zero_to_fp32(cfg, result, log[-1])
 
@@ -93,6 +113,9 @@ def test_rerun_with_same_name_resumes_at_its_step(ray_local, tmp_path):
                                    "run.evaluate=false", "run.samples=0"))
     log = read_metrics_log(second.run_dir)
     assert [r["step"] for r in log] == [10, 20, 30, 40]  # continued at 30, did not start over at 10
+    client, run_id = mlflow_run(second.run_dir)  # ... in the same MLflow run
+    assert mlflow_run(first.run_dir)[1] == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [10, 20, 30, 40]
     # the data position and token count carried over: tokens grow by the same amount every 10 steps
     tokens = [r["tokens_seen"] for r in log]
     assert tokens[3] - tokens[2] == pytest.approx(tokens[1] - tokens[0], rel=0.05)
@@ -110,7 +133,7 @@ def own_train_workers() -> list:
 
 def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
     cfg = tiny_cfg(tmp_path, "kill", "optim.max_steps=80", "eval.every_steps=10", "scaling.max_failures=2",
-                   "run.evaluate=false", "run.samples=0")
+                   "run.evaluate=false", "run.samples=0", "tracking.enabled=false")
     run_dir = tmp_path / "kill"
     killed: list[int] = []
 
@@ -135,6 +158,9 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
     steps = [r["step"] for r in log]
     assert steps == sorted(steps) and steps[0] == 10  # restarted from the last checkpoint, never from 0
     assert verify_model_dir(result.final_dir)["step"] == 80
+    # tracking.enabled=false: no MLflow store, artifacts or run record anywhere (nor MLflow's default ./mlruns)
+    left = {p.name for p in tmp_path.rglob("*")} & {"mlflow.db", "mlartifacts", "mlruns", "mlflow_run.json"}
+    assert not left and not (Path.cwd() / "mlruns").exists()
 
 
 def test_ray_data_packing_counts_what_the_packer_makes(ray_local, tmp_path):

@@ -39,6 +39,7 @@ NOISE = {
     "DeepSpeed zero_to_fp32 prints": r"Processing zero checkpoint|Loading checkpoint shards",
     "transformers loss_type warning": r"loss_type=None",
     "Ray Serve INFO": r"Proxy starting on node|Got updated endpoints|Started Serve in namespace",
+    "MLflow's database INFO": r"Creating initial MLflow database tables|Updating database tables",
 }
 
 
@@ -70,7 +71,8 @@ def test_default_output_is_the_aigc_lines_and_ray_essentials(tmp_path):
                  r"\[aigc\] quiet step +5/20 \| loss [\d.]+ \| lr \S+ \| [\d.]+k tok/s \| eta \d+m\d\ds",
                  r"\[aigc\] quiet step +20 \| val loss [\d.]+ \| val ppl [\d.]+ \| best [\d.]+",
                  r"\[aigc\] exported best \(step \d+, val loss [\d.]+\) ->", r"\[aigc\] test perplexity +[\d.]+ +[\d.]+",
-                 r"\[aigc\] sample: 'Introducing the' ->", r"\[aigc\] best model: "]:
+                 r"\[aigc\] sample: 'Introducing the' ->", r"\[aigc\] tracked: MLflow run \w+ in sqlite:///",
+                 r"\[aigc\] best model: "]:
         assert re.search(line, out), f"missing {line!r} in:\n{out}"
     # every step line of rank 0 once: Ray neither deduplicates nor repeats them
     assert len(re.findall(r"\[aigc\] quiet step +\d+/20 ", out)) == 4

@@ -198,6 +198,37 @@ def test_trials_csv_and_report_list_every_trial(search):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND" and len(data) > 5000
 
 
+def test_the_search_and_each_trial_are_tracked_in_mlflow(search):
+    """The search is one MLflow run (continued across the interrupt), each trial one child run with its
+    hyperparameters and validation losses by step, linked from the report; the winner is the challenger."""
+    from mlflow import MlflowClient
+
+    from aigc.modeldir import files_fingerprint, verify_model_dir
+    from aigc.report_data import load_search
+
+    sdir = search["sdir"]
+    uri = f"sqlite:///{sdir.parent / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(json.loads((sdir / "mlflow_run.json").read_text())["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["search.name"] == "it"
+    assert {"report.html", "report.md", "trials.csv", "search.yaml", "plots", "evaluation"} <= \
+        {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {r.data.tags["aigc.trial_id"]: r for r in children}
+    assert len(children) == len(by_trial) == 4  # one run per trial, also for those restarted by the resume
+    rows = {r["trial_id"]: r for r in csv.DictReader((sdir / "trials.csv").open())}
+    for t in load_search(sdir).trials:
+        run = by_trial[t.trial_id]
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps and set(steps) <= {h["step"] for h in t.history}
+        assert rows[t.trial_id]["mlflow_run"] == run.info.run_id  # the report links the trial to its run
+    challenger = client.get_model_version_by_alias("aigc", "challenger")
+    assert challenger.run_id == parent.info.run_id
+    assert challenger.tags["aigc.fingerprint"] == files_fingerprint(verify_model_dir(sdir / "winner"))
+
+
 def test_winner_is_the_lowest_loss_trial_and_loads_with_plain_transformers(search):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

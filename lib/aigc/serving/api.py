@@ -6,7 +6,6 @@ Every engine sits behind the same edge: what a request may ask for is decided he
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -22,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from aigc.config import Strict
 from aigc.generation import SamplingParams, encode
+from aigc.modeldir import files_fingerprint
 from aigc.serving.args import LimitsArgs, ServeArgs
 from aigc.template import ROLES, TemplateError, prompt_ids, render_prompt
 
@@ -368,8 +368,7 @@ def completion_id(prefix: str = "cmpl") -> str:
 
 def system_fingerprint(meta: Mapping[str, Any]) -> str:
     """The model's identity from its weights' checksums: a redeployed winner answers with a new one."""
-    files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
-    return "fp_" + hashlib.sha256(files).hexdigest()[:12]
+    return files_fingerprint(dict(meta))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
