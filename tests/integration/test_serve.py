@@ -283,6 +283,34 @@ def test_bad_request_gets_4xx_and_the_server_keeps_serving(served, name, body, h
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
+def test_fuzzed_requests_get_only_2xx_or_4xx_and_the_server_stays_healthy(served):
+    """>= 500 requests drawn from the app's own OpenAPI document (http_fuzz.py): every answer is a 2xx or a
+    4xx with an OpenAI error body, and the replica still answers afterwards."""
+    from http_fuzz import check_response, requests_from
+    from hypothesis import HealthCheck, given, settings
+
+    from aigc.serving.app import api
+
+    openapi, sent = api.openapi(), Counter()
+    session = requests.Session()
+
+    @settings(max_examples=550, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(requests_from(openapi, NAME, KEY))
+    def one(req):
+        r = session.request(req.method, served["url"] + req.path, headers=req.headers, data=req.body, timeout=60)
+        sent[(req.method, req.path)] += 1
+        check_response(req, r.status_code, r.headers, r.content)
+
+    one()
+    documented = {(m.upper(), p) for p, ops in openapi["paths"].items() for m in ops}
+    assert sum(sent.values()) >= 500 and documented <= set(sent), sent
+    assert len({m for m, _ in sent}) >= 5  # other methods than the documented ones, too
+    assert requests.get(served["url"] + "/ready", timeout=30).status_code == 200
+    ok = _post(served, GOOD)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 CHAT = "/v1/chat/completions"

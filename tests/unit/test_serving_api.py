@@ -176,6 +176,31 @@ def test_a_body_that_is_not_a_json_object_is_a_400_naming_body(raw):
     assert (e.value.status, e.value.param) == (400, "body") and e.value.message.startswith("body:")
 
 
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than the limit of 32"),  # was a 500
+    (b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than the limit of 32"),
+    (b'{"a": ' + b'{"b": ' * 40 + b"1" + b"}" * 40 + b"}", "nested deeper than the limit of 32"),
+    (b'{"prompt": "\\ud800"}', "valid Unicode"),  # a lone surrogate: no tokenizer or response encodes it
+    (b'{"\\udfff": 1}', "valid Unicode"),
+    (b'{"temperature": NaN}', "finite"),
+    (b'{"temperature": 1e999}', "finite"),
+    (b'{"seed": ' + b"1" * 5000 + b"}", "invalid JSON"),  # past Python's int-conversion limit
+])
+def test_hostile_json_is_a_400_naming_body(raw, problem):
+    with pytest.raises(ApiError) as e:
+        parse_json_body(raw)
+    assert (e.value.status, e.value.param) == (400, "body") and problem in e.value.message
+
+
+def test_the_depth_limit_counts_containers():
+    ok = b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}"  # the object plus 31 lists: 32 levels
+    assert list(parse_json_body(ok)) == ["a"]
+    with pytest.raises(ApiError):
+        parse_json_body(b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}")
+    assert parse_json_body(b'{"a": [[[1]]]}', max_depth=4) == {"a": [[[1]]]}
+    assert parse_json_body(b'{"p": "\\ud83d\\ude00"}') == {"p": "\U0001F600"}  # a surrogate pair is one character
+
+
 def test_a_json_object_body_parses():
     assert parse_json_body(b'{"model": "tiny", "prompt": "a"}') == {"model": "tiny", "prompt": "a"}
 

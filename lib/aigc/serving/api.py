@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import time
 import uuid
@@ -147,6 +148,13 @@ class ChatCompletionRequest(OpenAIRequest):
         ]
 
 
+def openapi_body(cls: type[OpenAIRequest]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a route that reads `cls` (its JSON Schema, `$defs` inside it): the
+    routes take the raw request so that parsing stays here, and this puts the body's shape back in the
+    app's OpenAPI document for clients and for the fuzz test (tests/integration/http_fuzz.py)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": cls.model_json_schema()}}}}
+
+
 R = TypeVar("R", bound=OpenAIRequest)
 TEXT_FIELDS = ("prompt", "messages")  # hold the user's text: never echoed in an error
 
@@ -202,15 +210,47 @@ def authorize(headers: Mapping[str, str], keys: Sequence[str]) -> None:
         raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """A request body -> its JSON object; anything else is a 400 naming `body`."""
+def parse_json_body(raw: bytes, max_depth: int = LimitsArgs().max_json_depth) -> dict[str, Any]:
+    """A request body -> its JSON object; anything else is a 400 naming `body`: not JSON, not an object,
+    nested deeper than `max_depth`, a number that is not finite or too long to convert, or a string that
+    is not valid Unicode (a lone surrogate from a `\\ud800` escape, which no tokenizer or response can
+    encode). Nothing a client sends reaches the code behind as something it cannot handle."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:  # the decoder recursed past Python's limit (~1000 levels): far over ours
+        raise ApiError(400, f"body: JSON nested deeper than the limit of {max_depth}", "body") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints over Python's 4300 digits
         raise ApiError(400, f"body: invalid JSON ({e})", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"body: must be a JSON object, got {type(body).__name__}", "body")
+    problem = _json_problem(body, max_depth)
+    if problem:
+        raise ApiError(400, f"body: {problem}", "body")
     return body
+
+
+def _json_problem(body: Any, max_depth: int) -> str | None:
+    """What makes a decoded JSON value unsafe to pass on, or None. Iterative: a hostile body cannot
+    make this recurse, and a real one (a few dozen values) costs microseconds."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > max_depth:
+                return f"JSON nested deeper than the limit of {max_depth}"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(k, str):
+                    stack.append((k, depth))
+                stack.append((v, depth + 1))
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "numbers must be finite (got NaN or Infinity)"
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "strings must be valid Unicode (got a lone surrogate escape)"
+    return None
 
 
 def _parse_request(cls: type[R], body: Mapping[str, Any], limits: LimitsArgs, model: str) -> tuple[R, SamplingParams]:

@@ -48,12 +48,15 @@ from aigc.raycompat import cluster_address
 from aigc.serving.api import (
     SSE_DONE,
     ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
     Head,
     ParsedCompletion,
     Usage,
     accepted_keys,
     authorize,
     model_list,
+    openapi_body,
     parse_chat,
     parse_completion,
     parse_json_body,
@@ -142,7 +145,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body; a 413 naming `body` once it passes `limit` bytes (before reading any of it when
     the client declared a larger Content-Length)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # '²'.isdigit() too
         raise ApiError(413, f"request body: {declared} bytes exceeds the limit of {limit} bytes", "body")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -235,11 +238,11 @@ class ModelServer:
     def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None]]:
         return _merge([self._choice(call, i) for i in range(len(call.blocked))])
 
-    @api.post(COMPLETIONS)
+    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._generate(request, COMPLETIONS, parse_completion)
 
-    @api.post(CHAT)
+    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._generate(request, CHAT, parse_chat)
 
@@ -248,7 +251,8 @@ class ModelServer:
         t0 = time.perf_counter()
         try:
             authorize(request.headers, self.keys)
-            body = parse_json_body(await read_body(request, self.args.limits.max_body_bytes))
+            limits = self.args.limits
+            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
             parsed = parse(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
         except ApiError as e:
             self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
