@@ -513,7 +513,7 @@ def test_metrics_reach_rays_endpoint(served, ray_local):
     port = ray_local.address_info["metrics_export_port"]
     want = ['ray_aigc_requests_total{', 'code="200"', 'code="400"', "ray_aigc_completion_tokens_total",
             "ray_aigc_prompt_tokens_total", "ray_aigc_request_latency_s_bucket", "ray_aigc_errors_total",
-            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_batch_size_bucket",
+            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_inter_token_latency_s_bucket", "ray_aigc_batch_size_bucket",
             'route="/v1/chat/completions"']
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:

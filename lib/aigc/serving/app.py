@@ -21,7 +21,7 @@ Routes (under the route prefix):
 Both POST routes take the same path: key check, parsing into SamplingParams and token ids
 (aigc.serving.api), prompt moderation, the engine, output moderation, then JSON or SSE.
 Metrics (`ray_aigc_*` on Ray's metrics export port): requests, errors, prompt/completion tokens,
-latency and time-to-first-token histograms, batch sizes, queued and running requests.
+latency, time-to-first-token and inter-token latency histograms, batch sizes, queued and running requests.
 """
 
 import argparse
@@ -120,6 +120,7 @@ class _Call:
     blocked: list[bool]  # the prompt moderation's verdicts, per prompt
     results: list[Result] = field(init=False)
     first: float | None = None  # when the first text came
+    last: float | None = None  # when the last text came
 
     def __post_init__(self):
         self.results = [Result(prompt_blocked=self.blocked[s.prompt]) for s in self.parsed.sequences]
@@ -136,8 +137,17 @@ class _Call:
         return usage(self.prompt_tokens, sum(r.n_tokens for r in self.results))
 
     def took(self, index: int, text: str, reason: str | None) -> None:
-        self.first = self.first or (time.perf_counter() if text else None)
+        now = time.perf_counter() if text else None
+        self.first, self.last = self.first or now, now or self.last
         self.results[index].finish_reason = reason or self.results[index].finish_reason
+
+    def inter_token(self) -> float | None:
+        """The mean time between tokens after the first (from the first text to the last, over the tokens
+        generated after the first one in every sequence); None with fewer than 2 tokens."""
+        later = sum(max(r.n_tokens - 1, 0) for r in self.results)
+        if self.first is None or self.last is None or not later:
+            return None
+        return (self.last - self.first) / later * len(self.results)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -314,6 +324,9 @@ class ModelServer:
             self.metrics.completion_tokens.inc(done)
         if call.first is not None:
             self.metrics.ttft.observe(call.first - call.t0)
+        gap = call.inter_token()
+        if gap is not None:
+            self.metrics.inter_token.observe(gap)
         extra = f" prompt={call.parsed.prompts!r}" if self.args.log_prompts else ""
         logger.info("%s %d prompt_tokens=%d completion_tokens=%d finish=%s %.1fms%s", call.rid, code,
                     call.prompt_tokens, done, [r.finish_reason for r in call.results], seconds * 1e3, extra)
