@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from aigc.kvcache import KVCache
-from aigc.sampling import SamplingParams, sample
+from aigc.sampling import SamplingParams, TokenLogprob, logprobs_of, sample
 
 
 class GenerationError(ValueError):
@@ -49,6 +49,8 @@ class Completion:
     token_ids: list[int]  # sampled tokens, including a final EOS if the model produced one
     prompt_tokens: int
     finish_reason: str  # "stop" | "length" (or the reason given to BatchStream.finish)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Delta:
     finish_reason: str | None = None  # set on the row's last delta
     n_tokens: int = 0  # tokens the row has generated so far
     token_ids: list[int] | None = None  # all of them, on the row's last delta
+    logprobs: list[TokenLogprob] | None = None  # with params.logprobs: the tokens' since the row's last delta
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: on the first delta
 
 
 def max_positions(model: Any) -> int:
@@ -86,6 +90,15 @@ def encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     """Prompt text -> token ids, with the tokenizer's own special tokens (a BOS where the model wants
     one); token ids pass through, so a caller can tokenize once."""
     return list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt)
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token's own text (special tokens shown), as logprobs name tokens; one call to the Rust
+    backend for all of them where there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
 def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
@@ -127,13 +140,26 @@ class Row:
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs, one per out_ids
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs, after the prefill
+    shown_logprobs: int = 0  # entries of `logprobs` already handed out
+    shown_prompt: bool = False  # prompt_logprobs handed out
+
+    def delta(self, row: int, text: str, reason: str | None) -> Delta:
+        """The row's delta: `text`, and what it has not handed out yet of its logprobs."""
+        d = Delta(row, text, reason, len(self.out_ids), list(self.out_ids) if reason is not None else None)
+        if self.params.logprobs is not None:
+            d.logprobs, self.shown_logprobs = self.logprobs[self.shown_logprobs :], len(self.logprobs)
+        if self.prompt_logprobs is not None and not self.shown_prompt:
+            d.prompt_logprobs, self.shown_prompt = self.prompt_logprobs, True
+        return d
 
     def push(self, tok: int) -> tuple[str, str | None] | None:
         """Add a sampled token: (new text to show, finish_reason once the row ends), or None when
         nothing new can be shown yet."""
         self.out_ids.append(tok)
         if tok in self.eos:
-            return self._close(len(self.text), "stop")
+            return self.close(len(self.text), "stop")
         # Decoding the whole output each step keeps multi-byte characters and tokenizer-specific
         # spacing right; for outputs of a few hundred tokens it costs microseconds.
         self.text = self.decode(self.out_ids)
@@ -142,9 +168,9 @@ class Row:
             start = max(0, self.emitted - max(len(s) for s in stops) + 1)
             hits = [h for h in (self.text.find(s, start) for s in stops) if h >= 0]
             if hits:
-                return self._close(min(hits), "stop")
+                return self.close(min(hits), "stop")
         if len(self.out_ids) >= self.max_new:
-            return self._close(len(self.text), "length")
+            return self.close(len(self.text), "length")
         safe = len(self.text) - _stop_holdback(self.text, stops)
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
             safe -= 1
@@ -153,7 +179,8 @@ class Row:
         piece, self.emitted = self.text[self.emitted : safe], safe
         return piece, None
 
-    def _close(self, end: int, reason: str) -> tuple[str, str]:
+    def close(self, end: int, reason: str) -> tuple[str, str]:
+        """End the row with its text cut at `end`: (the text not handed out yet, `reason`)."""
         self.text = self.text[:end]
         piece, self.emitted = self.text[self.emitted :], len(self.text)
         self.finish_reason = reason
@@ -255,7 +282,8 @@ class BatchStream:
     def completions(self) -> list[Completion]:
         """The rows in the order they were added (needs keep_finished=True)."""
         return [
-            Completion(r.text, list(r.out_ids), len(r.prompt_ids), r.finish_reason or "length")
+            Completion(r.text, list(r.out_ids), len(r.prompt_ids), r.finish_reason or "length",
+                       r.logprobs if r.params.logprobs is not None else None, r.prompt_logprobs)
             for _, r in sorted(self.rows.items())
         ]
 
@@ -303,13 +331,14 @@ class BatchStream:
         with self._lock:
             if i in self._pending:
                 self._pending.remove(i)
-        return Delta(i, "", reason, len(r.out_ids), list(r.out_ids))
+        return r.delta(i, "", reason)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, keep: int = 1) -> torch.Tensor:
+        """The logits of the last `keep` positions (0: all of them), float32."""
         out = self.model(
-            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache.inputs()
+            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **cache.inputs()
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float()
 
     def _prefill(self, rows: list[int]) -> tuple[tuple[KVCache, torch.Tensor], torch.Tensor]:
         ids = [self.rows[i].prompt_ids for i in rows]
@@ -319,18 +348,27 @@ class BatchStream:
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads sit at 0; real tokens count from 0
         cache = KVCache(self.model, mask)
-        logits = self._forward(input_ids, positions, cache)
-        return (cache, positions[:, -1]), logits
+        scoring = [k for k, i in enumerate(rows) if self.rows[i].params.prompt_logprobs is not None]
+        # every position's logits only when a row scores its prompt ([rows, width, vocab] instead of [rows, 1, vocab])
+        logits = self._forward(input_ids, positions, cache, keep=0 if scoring else 1)
+        for k in scoring:
+            r = self.rows[rows[k]]
+            n = len(r.prompt_ids)
+            # column c predicts the token in column c + 1; the row's tokens fill the last n columns
+            prompt = logits[k, width - n : width - 1]
+            r.prompt_logprobs = [None, *logprobs_of(prompt, r.prompt_ids[1:], [r.params.prompt_logprobs] * (n - 1))]
+        return (cache, positions[:, -1]), logits[:, -1]
 
     def _decode(self) -> torch.Tensor:
         self._cache.grow()
         self._pos = self._pos + 1
-        return self._forward(self._next[:, None], self._pos[:, None], self._cache)
+        return self._forward(self._next[:, None], self._pos[:, None], self._cache)[:, -1]
 
     def _join(self, group: tuple[KVCache, torch.Tensor], rows: list[int]) -> None:
         """Append a prefilled group to the running batch."""
         cache, pos = group
-        nxt = torch.tensor([self.rows[i].out_ids[-1] for i in rows], device=self.device)
+        # a row that ended at the prefill (max_tokens 0) has no token; it leaves at the next _keep
+        nxt = torch.tensor([(self.rows[i].out_ids or [self.pad_id])[-1] for i in rows], device=self.device)
         if not self.active:
             self._cache, self._pos, self._next, self.active = cache, pos, nxt, list(rows)
             return
@@ -356,18 +394,24 @@ class BatchStream:
         for i, row_logits in zip(rows, logits, strict=True):
             self.last_logits[i] = row_logits
         picked = [self.rows[i] for i in rows]
-        tokens = sample(logits, [r.params for r in picked], [r.generator for r in picked])
+        tokens = sample(logits, [r.params for r in picked], [r.generator for r in picked], [r.out_ids for r in picked])
         if rows is self.active or rows == self.active:
             self._next = torch.tensor(tokens, device=self.device)
+        scored = [k for k, r in enumerate(picked) if r.params.logprobs is not None and r.max_new > 0]
+        if scored:
+            lps = logprobs_of(logits[scored], [tokens[k] for k in scored], [picked[k].params.logprobs for k in scored])
+            for k, lp in zip(scored, lps, strict=True):
+                picked[k].logprobs.append(lp)
         return [d for d in (self._push(i, t) for i, t in zip(rows, tokens, strict=True)) if d is not None]
 
     def _push(self, i: int, tok: int) -> Delta | None:
         r = self.rows[i]
+        if r.max_new == 0:  # max_tokens 0: the prompt was only scored; the sampled token is not kept
+            return r.delta(i, *r.close(0, "length"))
         out = r.push(tok)
         if out is None:
             return None
-        text, reason = out
-        return Delta(i, text, reason, len(r.out_ids), list(r.out_ids) if reason is not None else None)
+        return r.delta(i, *out)
 
 
 def stream_generate(

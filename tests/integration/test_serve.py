@@ -228,6 +228,67 @@ def test_streaming_matches_non_streaming(served, client, lm):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
+def _scores(lm, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward of the whole sequence in this process."""
+    import torch
+
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_token_ids_echo_and_logprobs_score_as_lm_eval_asks(served, client, lm):
+    ids = [lm.tokenizer.encode("Save big on"), lm.tokenizer.encode("Our new")]
+    # lm-eval-harness's loglikelihood request, through the official client
+    got = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1, seed=1)
+    for prompt, c in zip(ids, sorted(got.choices, key=lambda c: c.index), strict=True):
+        lp = c.logprobs
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == len(prompt) + 1
+        assert lp.token_logprobs[1 : len(prompt)] == pytest.approx(_scores(lm, prompt), abs=1e-4)
+        assert all(max(top.values()) >= t for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True))
+        assert c.text.startswith(lm.tokenizer.decode(prompt)) and lp.text_offset[0] == 0
+    # max_tokens 0 with echo: the prompt scored, nothing generated
+    zero = client.completions.create(model=NAME, prompt=ids[0], max_tokens=0, echo=True, logprobs=0)
+    assert zero.usage.completion_tokens == 0 and zero.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        _scores(lm, ids[0]), abs=1e-4)
+
+
+def test_n_best_of_and_penalties(served, client, lm):
+    from aigc.generation import SamplingParams
+
+    got = client.completions.create(model=NAME, prompt="Our new", n=3, max_tokens=8, temperature=1.0, seed=11,
+                                    logprobs=2)
+    assert [c.index for c in got.choices] == [0, 1, 2] and got.usage.completion_tokens == sum(
+        len(c.logprobs.tokens) for c in got.choices)
+    # choice 0 is what n=1 gives; the others have seeds of their own
+    one = client.completions.create(model=NAME, prompt="Our new", max_tokens=8, temperature=1.0, seed=11)
+    assert got.choices[0].text == one.choices[0].text and len({c.text for c in got.choices}) > 1
+    best = client.completions.create(model=NAME, prompt="Our new", n=1, best_of=3, max_tokens=8, temperature=1.0,
+                                     seed=11, logprobs=0)
+    means = sorted(sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in got.choices)
+    best_lp = best.choices[0].logprobs.token_logprobs
+    assert sum(best_lp) / len(best_lp) == pytest.approx(means[-1]) and best.usage.completion_tokens == 24
+    penalised = SamplingParams(temperature=0, max_tokens=20, frequency_penalty=1.5, presence_penalty=0.5)
+    want = _expected(lm, served, "Introducing the", penalised)
+    got = client.completions.create(model=NAME, prompt="Introducing the", max_tokens=20, temperature=0,
+                                    frequency_penalty=1.5, presence_penalty=0.5, extra_body={"return_token_ids": True})
+    assert got.choices[0].model_extra["token_ids"] == want.token_ids
+
+
+def test_chat_logprobs(served, client):
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Running shoes"}],
+                                         max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    # greedy: each token is its step's most likely one
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+    # streamed, the chunks carry the logprobs of their tokens: together, the same list
+    chunks = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Running shoes"}],
+                                            max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
 def test_moderation_answers_content_filter(served, client):
     blocked_prompt = client.completions.create(model=NAME, prompt="say ForbiddenWord now", max_tokens=5)
     assert blocked_prompt.choices[0].finish_reason == "content_filter" and blocked_prompt.choices[0].text == ""
@@ -263,7 +324,10 @@ BAD = [
     ("prompt + max_tokens over the context", {"model": NAME, "prompt": "the " * 100, "max_tokens": 64}, AUTH, 400,
      "max_tokens"),
     ("unknown field", {"model": NAME, "prompt": "a", "temprature": 1}, AUTH, 400, "temprature"),
-    ("unsupported n", {"model": NAME, "prompt": "a", "n": 3}, AUTH, 400, "n"),
+    ("n over the limit", {"model": NAME, "prompt": "a", "n": 9}, AUTH, 400, "n"),
+    ("logprobs over the limit", {"model": NAME, "prompt": "a", "logprobs": 6}, AUTH, 400, "logprobs"),
+    ("token id outside the vocabulary", {"model": NAME, "prompt": [[5, 300]]}, AUTH, 400, "prompt"),
+    ("echo with stream", {"model": NAME, "prompt": "a", "echo": True, "stream": True}, AUTH, 400, "echo"),
     ("body too large", {"model": NAME, "prompt": "a" * 5000}, AUTH, 413, "body"),
     ("no API key", {"model": NAME, "prompt": "a"}, {}, 401, "API key"),
     ("wrong API key", {"model": NAME, "prompt": "a"}, {"Authorization": "Bearer nope"}, 401, "API key"),
@@ -279,6 +343,34 @@ def test_bad_request_gets_4xx_and_the_server_keeps_serving(served, name, body, h
     assert field in err["message"] and err["type"] == "invalid_request_error"
     if status != 401:
         assert err["param"] == field
+    ok = _post(served, GOOD)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_fuzzed_requests_get_only_2xx_or_4xx_and_the_server_stays_healthy(served):
+    """>= 500 requests drawn from the app's own OpenAPI document (http_fuzz.py): every answer is a 2xx or a
+    4xx with an OpenAI error body, and the replica still answers afterwards."""
+    from http_fuzz import check_response, requests_from
+    from hypothesis import HealthCheck, given, settings
+
+    from aigc.serving.app import api
+
+    openapi, sent = api.openapi(), Counter()
+    session = requests.Session()
+
+    @settings(max_examples=550, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(requests_from(openapi, NAME, KEY))
+    def one(req):
+        r = session.request(req.method, served["url"] + req.path, headers=req.headers, data=req.body, timeout=60)
+        sent[(req.method, req.path)] += 1
+        check_response(req, r.status_code, r.headers, r.content)
+
+    one()
+    documented = {(m.upper(), p) for p, ops in openapi["paths"].items() for m in ops}
+    assert sum(sent.values()) >= 500 and documented <= set(sent), sent
+    assert len({m for m, _ in sent}) >= 5  # other methods than the documented ones, too
+    assert requests.get(served["url"] + "/ready", timeout=30).status_code == 200
     ok = _post(served, GOOD)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
@@ -421,7 +513,7 @@ def test_metrics_reach_rays_endpoint(served, ray_local):
     port = ray_local.address_info["metrics_export_port"]
     want = ['ray_aigc_requests_total{', 'code="200"', 'code="400"', "ray_aigc_completion_tokens_total",
             "ray_aigc_prompt_tokens_total", "ray_aigc_request_latency_s_bucket", "ray_aigc_errors_total",
-            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_batch_size_bucket",
+            "ray_aigc_queue_length", "ray_aigc_time_to_first_token_s_bucket", "ray_aigc_inter_token_latency_s_bucket", "ray_aigc_batch_size_bucket",
             'route="/v1/chat/completions"']
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:

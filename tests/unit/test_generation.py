@@ -400,3 +400,82 @@ def test_max_batch_size_makes_rows_wait_and_finished_rows_are_dropped(lm):
     for row, prompt, p in zip(rows, prompts, params, strict=True):
         assert finals[row].token_ids == _solo(lm, prompt, p).token_ids
     assert stream.rows == {}  # keep_finished=False: nothing left behind
+
+
+# ---------------------------------------------------------------------- penalties and logprobs
+
+
+def test_penalties_follow_openais_formula_and_only_count_generated_tokens():
+    from aigc.sampling import apply_penalties
+
+    logits = torch.zeros(2, 6)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, [p, SamplingParams()], [[1, 1, 3], [1]])
+    # token 1 twice: 2 * 0.25 + 0.5; token 3 once: 0.25 + 0.5; the unpenalised row is untouched
+    assert out[0].tolist() == [0, -1.0, 0, -0.75, 0, 0] and out[1].tolist() == [0] * 6
+    assert logits.abs().sum() == 0  # the caller's logits are not changed
+    assert apply_penalties(logits, [SamplingParams()] * 2, [[1], [2]]) is logits
+
+
+def test_a_penalty_changes_the_greedy_pick():
+    logits = torch.tensor([[0.0, 2.0, 1.5]])
+    greedy = SamplingParams(temperature=0, frequency_penalty=1.0)
+    assert sample(logits, [greedy], _gens(0)) == [1]
+    assert sample(logits, [greedy], _gens(0), [[1]]) == [2]  # 2.0 - 1.0 < 1.5
+
+
+def test_logprobs_are_the_raw_log_softmax_with_the_top_alternatives():
+    from aigc.sampling import logprobs_of
+
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    lp = torch.log_softmax(logits, -1)
+    out = logprobs_of(logits, [4, 0, 9], [2, 0, 3])
+    assert [o.token for o in out] == [4, 0, 9]
+    assert [o.logprob for o in out] == pytest.approx([lp[0, 4].item(), lp[1, 0].item(), lp[2, 9].item()])
+    assert [len(o.top) for o in out] == [2, 0, 3]
+    best = lp[2].topk(3)
+    assert [t for t, _ in out[2].top] == best.indices.tolist()
+    assert [v for _, v in out[2].top] == pytest.approx(best.values.tolist())
+
+
+def _scores(lm, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward of the whole sequence."""
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_prompt_logprobs_equal_a_full_forward_even_left_padded_in_a_batch(lm):
+    short, long = lm.tokenizer.encode("Save big"), lm.tokenizer.encode("Introducing the all new running shoes")
+    scoring = SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2)
+    out = generate(lm.model, lm.tokenizer, [short, long], scoring)
+    for ids, c in zip([short, long], out, strict=True):
+        assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(ids)
+        assert [e.token for e in c.prompt_logprobs[1:]] == ids[1:]
+        assert [e.logprob for e in c.prompt_logprobs[1:]] == pytest.approx(_scores(lm, ids), abs=1e-5)
+        assert all(len(e.top) == 2 for e in c.prompt_logprobs[1:])
+        # max_tokens 0: the prompt is scored, nothing is generated
+        assert (c.token_ids, c.text, c.finish_reason) == ([], "", "length")
+
+
+def test_generated_logprobs_score_the_sampled_tokens(lm):
+    ids = lm.tokenizer.encode("Our new")
+    [c] = generate(lm.model, lm.tokenizer, [ids], SamplingParams(temperature=1.0, seed=3, max_tokens=6, logprobs=1))
+    assert [e.token for e in c.logprobs] == c.token_ids
+    # each generated token's logprob is its score given everything before it
+    assert [e.logprob for e in c.logprobs] == pytest.approx(_scores(lm, ids + c.token_ids)[len(ids) - 1 :], abs=1e-4)
+    assert c.prompt_logprobs is None
+
+
+def test_logprobs_arrive_with_the_deltas_that_carry_the_tokens(lm):
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=0, prompt_logprobs=0)
+    deltas = [d for step in stream_generate(lm.model, lm.tokenizer, ["Our new"], params) for d in step]
+    assert sum(1 for d in deltas if d.prompt_logprobs is not None) == 1
+    assert [e.token for d in deltas for e in d.logprobs] == deltas[-1].token_ids
+
+
+def test_max_tokens_zero_needs_prompt_logprobs():
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(max_tokens=0)
+    assert [err["loc"][0] for err in e.value.errors()] == ["max_tokens"]
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0

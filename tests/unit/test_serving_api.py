@@ -9,8 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from aigc.sampling import TokenLogprob
 from aigc.serving import api
-from aigc.serving.api import ApiError, accepted_keys, authorize, parse_chat, parse_completion, parse_json_body
+from aigc.serving.api import (
+    ApiError,
+    Result,
+    accepted_keys,
+    authorize,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+)
 from aigc.serving.args import LimitsArgs, ServeArgs
 from aigc.template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, prompt_ids, render_prompt
 
@@ -136,10 +146,37 @@ BAD = [
      "max_tokens"),
     ("unknown field", {"model": NAME, "prompt": "a", "temprature": 1}, 400, "temprature"),
     ("stream of wrong type", {"model": NAME, "prompt": "a", "stream": "yes"}, 400, "stream"),
-    ("unsupported n", {"model": NAME, "prompt": "a", "n": 3}, 400, "n"),
-    ("unsupported echo", {"model": NAME, "prompt": "a", "echo": True}, 400, "echo"),
+    ("n over the limit", {"model": NAME, "prompt": "a", "n": 9}, 400, "n"),
+    ("n zero", {"model": NAME, "prompt": "a", "n": 0}, 400, "n"),
+    ("best_of below n", {"model": NAME, "prompt": "a", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("best_of over the limit", {"model": NAME, "prompt": "a", "best_of": 9}, 400, "best_of"),
+    ("best_of with stream", {"model": NAME, "prompt": "a", "best_of": 2, "stream": True}, 400, "best_of"),
+    ("logprobs over the limit", {"model": NAME, "prompt": "a", "logprobs": 6}, 400, "logprobs"),
+    ("negative logprobs", {"model": NAME, "prompt": "a", "logprobs": -1}, 400, "logprobs"),
+    ("echo with stream", {"model": NAME, "prompt": "a", "echo": True, "stream": True}, 400, "echo"),
+    ("max_tokens 0 without echo", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("penalty out of range", {"model": NAME, "prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("penalty of wrong type", {"model": NAME, "prompt": "a", "frequency_penalty": "x"}, 400, "frequency_penalty"),
+    ("token id outside the vocabulary", {"model": NAME, "prompt": [5, 300]}, 400, "prompt"),
+    ("negative token id", {"model": NAME, "prompt": [[5], [-1]]}, 400, "prompt"),
+    ("empty token-id prompt", {"model": NAME, "prompt": [[5], []]}, 400, "prompt"),
+    ("too many token ids", {"model": NAME, "prompt": [5] * 128}, 400, "prompt"),
+    ("mixed ids and text", {"model": NAME, "prompt": [5, "a"]}, 400, "prompt"),
     ("unsupported logit_bias", {"model": NAME, "prompt": "a", "logit_bias": {"1": 2.0}}, 400, "logit_bias"),
+    ("unsupported suffix", {"model": NAME, "prompt": "a", "suffix": "b"}, 400, "suffix"),
 ]
+
+
+@pytest.mark.parametrize("body, limit", [
+    ({"model": NAME, "prompt": "a", "n": 9}, "n: 9 exceeds this server's limit of 8"),
+    ({"model": NAME, "prompt": "a", "logprobs": 6}, "logprobs: 6 exceeds this server's limit of 5"),
+    ({"model": NAME, "prompt": [5, 300]}, "prompt: token id 300 is outside the vocabulary (0 to 299)"),
+    ({"model": NAME, "prompt": [[5], [-1]]}, "prompt[1]: token id -1 is outside the vocabulary (0 to 299)"),
+])
+def test_limits_are_named_in_the_error(tok, body, limit):
+    with pytest.raises(ApiError) as e:
+        _parse(body, tok)
+    assert e.value.message == limit
 
 
 @pytest.mark.parametrize("name, body, status, field", BAD, ids=[b[0] for b in BAD])
@@ -174,6 +211,31 @@ def test_a_body_that_is_not_a_json_object_is_a_400_naming_body(raw):
     with pytest.raises(ApiError) as e:
         parse_json_body(raw)
     assert (e.value.status, e.value.param) == (400, "body") and e.value.message.startswith("body:")
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than the limit of 32"),  # was a 500
+    (b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than the limit of 32"),
+    (b'{"a": ' + b'{"b": ' * 40 + b"1" + b"}" * 40 + b"}", "nested deeper than the limit of 32"),
+    (b'{"prompt": "\\ud800"}', "valid Unicode"),  # a lone surrogate: no tokenizer or response encodes it
+    (b'{"\\udfff": 1}', "valid Unicode"),
+    (b'{"temperature": NaN}', "finite"),
+    (b'{"temperature": 1e999}', "finite"),
+    (b'{"seed": ' + b"1" * 5000 + b"}", "invalid JSON"),  # past Python's int-conversion limit
+])
+def test_hostile_json_is_a_400_naming_body(raw, problem):
+    with pytest.raises(ApiError) as e:
+        parse_json_body(raw)
+    assert (e.value.status, e.value.param) == (400, "body") and problem in e.value.message
+
+
+def test_the_depth_limit_counts_containers():
+    ok = b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}"  # the object plus 31 lists: 32 levels
+    assert list(parse_json_body(ok)) == ["a"]
+    with pytest.raises(ApiError):
+        parse_json_body(b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}")
+    assert parse_json_body(b'{"a": [[[1]]]}', max_depth=4) == {"a": [[[1]]]}
+    assert parse_json_body(b'{"p": "\\ud83d\\ude00"}') == {"p": "\U0001F600"}  # a surrogate pair is one character
 
 
 def test_a_json_object_body_parses():
@@ -242,14 +304,17 @@ BAD_CHAT = [
     ("negative temperature", {"messages": [USER], "temperature": -1}, 400, "temperature"),
     ("max_tokens over the cap", {"messages": [USER], "max_tokens": 121}, 400, "max_tokens"),
     ("unknown field", {"messages": [USER], "temprature": 1}, 400, "temprature"),
-    ("unsupported n", {"messages": [USER], "n": 2}, 400, "n"),
-    ("unsupported logprobs", {"messages": [USER], "logprobs": True}, 400, "logprobs"),
+    ("n over the limit", {"messages": [USER], "n": 9}, 400, "n"),
+    ("top_logprobs without logprobs", {"messages": [USER], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs over the limit", {"messages": [USER], "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
+    ("max_tokens 0", {"messages": [USER], "max_tokens": 0}, 400, "max_tokens"),
+    ("unsupported best_of", {"messages": [USER], "best_of": 2}, 400, "best_of"),
     ("unsupported tools", {"messages": [USER], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools"),
     ("unsupported functions", {"messages": [USER], "functions": [{"name": "f"}]}, 400, "functions"),
     ("unsupported response_format", {"messages": [USER], "response_format": {"type": "json_object"}}, 400,
      "response_format"),
-    ("unsupported penalty", {"messages": [USER], "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("penalty out of range", {"messages": [USER], "presence_penalty": -2.5}, 400, "presence_penalty"),
 ]
 
 
@@ -294,15 +359,16 @@ def test_chat_answers_are_what_the_openai_client_parses(chat_tok):
 
     p = _chat({"messages": CHAT, "return_token_ids": True}, chat_tok)
     head = p.head(NAME, "fp_x")
-    whole = ChatCompletion.model_validate(p.response(head, ["Warm feet."], ["stop"], [[5, 6]], api.usage(9, 2)))
+    done = Result(text="Warm feet.", finish_reason="stop", token_ids=[5, 6])
+    whole = ChatCompletion.model_validate(p.response(head, [done], api.usage(9, 2)))
     assert head.id.startswith("chatcmpl-") and whole.object == "chat.completion" and whole.id == head.id
     assert (whole.choices[0].message.role, whole.choices[0].message.content) == ("assistant", "Warm feet.")
     assert whole.choices[0].finish_reason == "stop" and whole.usage.total_tokens == 11
     assert whole.model_extra["prompt_token_ids"] == p.prompt_ids[0]  # vLLM's place for them in chat
     assert whole.choices[0].model_extra["token_ids"] == [5, 6]
     # a stream: the role, the text in pieces (empty pieces skipped), the finish_reason, the usage
-    raw = [*p.opening(head), *p.chunks(head, 0, "Warm", None, []), *p.chunks(head, 0, "", None, []),
-           *p.chunks(head, 0, " feet.", "stop", [5, 6]), p.usage_chunk(head, api.usage(9, 2))]
+    raw = [*p.opening(head), *p.chunks(head, 0, "Warm", None, Result(), []), *p.chunks(head, 0, "", None, Result(), []),
+           *p.chunks(head, 0, " feet.", "stop", done, []), p.usage_chunk(head, api.usage(9, 2))]
     chunks = [ChatCompletionChunk.model_validate(c) for c in raw]
     assert {c.id for c in chunks} == {head.id} and {c.object for c in chunks} == {"chat.completion.chunk"}
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model_extra["prompt_token_ids"]
@@ -316,10 +382,105 @@ def test_completion_answers_keep_their_shape(tok):
 
     p = _parse({"model": NAME, "prompt": ["Save", "Our"], "return_token_ids": True}, tok)
     head = p.head(NAME, "fp_x")
-    whole = Completion.model_validate(p.response(head, ["a", "b"], ["stop", "length"], [[1], [2]], api.usage(3, 2)))
+    results = [Result(text="a", finish_reason="stop", token_ids=[1]), Result(text="b", finish_reason="length", token_ids=[2])]
+    whole = Completion.model_validate(p.response(head, results, api.usage(3, 2)))
     assert head.id.startswith("cmpl-") and whole.object == "text_completion"
     assert [c.text for c in whole.choices] == ["a", "b"] and whole.choices[1].finish_reason == "length"
     assert whole.choices[0].model_extra == {"prompt_token_ids": p.prompt_ids[0], "token_ids": [1]}
     assert p.opening(head) == []
-    [chunk] = p.chunks(head, 1, "x", "stop", [2])
+    [chunk] = p.chunks(head, 1, "x", "stop", Result(token_ids=[2]), [])
     assert chunk["choices"] == [{"text": "x", "index": 1, "logprobs": None, "finish_reason": "stop", "token_ids": [2]}]
+
+
+# ------------------------------------------------------------------ token ids, n, best_of, echo, logprobs
+
+
+def test_token_id_prompts_pass_through_and_decode_for_moderation(tok):
+    ids = tok.encode("Save big")
+    one = _parse({"model": NAME, "prompt": ids}, tok)
+    assert one.prompt_ids == [ids] and one.prompts == [tok.decode(ids)]
+    many = _parse({"model": NAME, "prompt": [ids, [7]]}, tok)
+    assert many.prompt_ids == [ids, [7]] and [s.prompt for s in many.sequences] == [0, 1]
+
+
+def test_n_and_best_of_make_that_many_samples_per_prompt_with_distinct_seeds(tok):
+    p = _parse({"model": NAME, "prompt": ["a", "b"], "n": 2, "best_of": 3, "seed": 2**63 - 2}, tok)
+    assert [s.prompt for s in p.sequences] == [0, 0, 0, 1, 1, 1]
+    # choice 0 keeps the request's seed (what n=1 gives); the others follow it, wrapping at 2**63
+    assert [s.params.seed for s in p.sequences[:3]] == [2**63 - 2, 2**63 - 1, 0]
+    assert p.params.logprobs == 0  # best_of ranks by logprobs even when the client asked none
+    unseeded = _parse({"model": NAME, "prompt": "a", "n": 3}, tok)
+    assert [s.params.seed for s in unseeded.sequences] == [None] * 3 and unseeded.params.logprobs is None
+
+
+@pytest.mark.parametrize("body, logprobs, prompt_logprobs, max_tokens", [
+    ({"logprobs": 1, "echo": True, "max_tokens": 1}, 1, 1, 1),  # lm-eval-harness's loglikelihood request
+    ({"echo": True, "max_tokens": 0}, None, 0, 0),  # OpenAI's legacy "score the prompt"
+    ({"logprobs": 3, "echo": True, "max_tokens": 0}, 3, 3, 0),
+    ({"logprobs": 2}, 2, None, 16),
+    ({"echo": True}, None, None, 16),  # echo alone only repeats the prompt text
+])
+def test_echo_and_logprobs_become_sampling_params(tok, body, logprobs, prompt_logprobs, max_tokens):
+    p = _parse({"model": NAME, "prompt": [5, 6, 7], **body}, tok).params
+    assert (p.logprobs, p.prompt_logprobs, p.max_tokens) == (logprobs, prompt_logprobs, max_tokens)
+
+
+def test_chat_logprobs_and_n_become_sampling_params(chat_tok):
+    p = _chat({"messages": [USER], "logprobs": True, "top_logprobs": 3, "n": 2}, chat_tok)
+    assert p.params.logprobs == 3 and len(p.sequences) == 2
+    assert _chat({"messages": [USER], "logprobs": True}, chat_tok).params.logprobs == 0
+    assert _chat({"messages": [USER], "logprobs": False}, chat_tok).params.logprobs is None
+
+
+def _lp(token, logprob, *top):
+    return TokenLogprob(token, logprob, tuple(top))
+
+
+def _texts(ids):
+    return [f"<{i}>" for i in ids]  # each token's text: 3 characters for one-digit ids
+
+
+def test_legacy_logprobs_name_tokens_and_offsets():
+    entries = [None, _lp(5, -1.0, (5, -1.0), (6, -2.0)), _lp(7, -3.0, (6, -0.5))]
+    out = completion_logprobs(_texts, entries, [4, 5, 7])
+    assert out["tokens"] == ["<4>", "<5>", "<7>"] and out["token_logprobs"] == [None, -1.0, -3.0]
+    # the alternatives and the chosen token (lm-eval-harness: greedy iff the chosen logprob is the max)
+    assert out["top_logprobs"] == [None, {"<5>": -1.0, "<6>": -2.0}, {"<6>": -0.5, "<7>": -3.0}]
+    assert out["text_offset"] == [0, 3, 6]
+    assert completion_logprobs(_texts, entries[1:], [5, 7], start=10)["text_offset"] == [10, 13]
+
+
+def test_best_of_answers_the_n_with_the_best_mean_logprob_and_echo_prepends_the_prompt(tok):
+    from openai.types import Completion
+
+    p = _parse({"model": NAME, "prompt": [[4, 5]], "best_of": 3, "n": 2, "echo": True, "logprobs": 1,
+                "max_tokens": 2}, tok)
+    p.token_text = _texts
+    prompt = [None, _lp(5, -0.1, (5, -0.1))]
+    results = [Result(text=t, finish_reason="length", n_tokens=2, token_ids=[8, 9], prompt_logprobs=prompt,
+                      logprobs=[_lp(8, a, (8, a)), _lp(9, b, (9, b))])
+               for t, a, b in (("x", -3.0, -3.0), ("y", -0.5, -1.0), ("z", -1.0, -1.0))]
+    # the prompt's first token has no logprob: null, as OpenAI and vLLM answer (the openai client's type says
+    # float, but the client builds responses without validating them)
+    whole = p.response(p.head(NAME, "fp"), results, api.usage(2, 6))
+    assert [c["text"] for c in whole["choices"]] == [p.prompts[0] + "y", p.prompts[0] + "z"]  # means -0.75, -1, -3
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    lp = whole["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["<4>", "<5>", "<8>", "<9>"] and lp["token_logprobs"] == [None, -0.1, -0.5, -1.0]
+    assert lp["top_logprobs"][0] is None and lp["text_offset"] == [0, 3, 6, 9]
+    plain = _parse({"model": NAME, "prompt": "a", "logprobs": 1}, tok)
+    plain.token_text = _texts
+    whole = Completion.model_validate(plain.response(plain.head(NAME, "fp"), results[1:2], api.usage(1, 2)))
+    assert whole.choices[0].text == "y" and whole.choices[0].logprobs.text_offset == [0, 3]
+
+
+def test_chat_logprobs_have_openais_shape(chat_tok):
+    from openai.types.chat import ChatCompletion
+
+    p = _chat({"messages": [USER], "logprobs": True, "top_logprobs": 1}, chat_tok)
+    p.token_text = _texts
+    r = Result(text="ab", finish_reason="stop", token_ids=[1, 2], logprobs=[_lp(1, -0.2, (1, -0.2)), _lp(2, -1.5, (3, -0.3))])
+    whole = ChatCompletion.model_validate(p.response(p.head(NAME, "fp"), [r], api.usage(1, 2)))
+    content = whole.choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [("<1>", -0.2, list(b"<1>")), ("<2>", -1.5, list(b"<2>"))]
+    assert [[(t.token, t.logprob) for t in c.top_logprobs] for c in content] == [[("<1>", -0.2)], [("<3>", -0.3)]]

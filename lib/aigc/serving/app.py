@@ -21,7 +21,7 @@ Routes (under the route prefix):
 Both POST routes take the same path: key check, parsing into SamplingParams and token ids
 (aigc.serving.api), prompt moderation, the engine, output moderation, then JSON or SSE.
 Metrics (`ray_aigc_*` on Ray's metrics export port): requests, errors, prompt/completion tokens,
-latency and time-to-first-token histograms, batch sizes, queued and running requests.
+latency, time-to-first-token and inter-token latency histograms, batch sizes, queued and running requests.
 """
 
 import argparse
@@ -45,15 +45,20 @@ from aigc.config import ConfigError, expand
 from aigc.generation import max_positions
 from aigc.modeldir import ModelDirError, load_model, read_metadata
 from aigc.raycompat import cluster_address
+from aigc.sampling import TokenLogprob
 from aigc.serving.api import (
     SSE_DONE,
     ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
     Head,
     ParsedCompletion,
+    Result,
     Usage,
     accepted_keys,
     authorize,
     model_list,
+    openapi_body,
     parse_chat,
     parse_completion,
     parse_json_body,
@@ -105,22 +110,20 @@ Parser = Callable[..., ParsedCompletion]
 
 @dataclass
 class _Call:
-    """One generating request in flight (completions or chat): what it asked for and what it got so
-    far, per prompt."""
+    """One generating request in flight (completions or chat): what it asked for, and per sequence (a
+    prompt's n-th sample) what it got so far."""
 
     route: str
     head: Head
     t0: float
     parsed: ParsedCompletion
-    blocked: list[bool]  # the prompt moderation's verdicts
-    reasons: list[str | None] = field(init=False)
-    n_tokens: list[int] = field(init=False)
-    token_ids: list[list[int]] = field(init=False)  # filled when the row finishes
+    blocked: list[bool]  # the prompt moderation's verdicts, per prompt
+    results: list[Result] = field(init=False)
     first: float | None = None  # when the first text came
+    last: float | None = None  # when the last text came
 
     def __post_init__(self):
-        n = len(self.parsed.prompts)
-        self.reasons, self.n_tokens, self.token_ids = [None] * n, [0] * n, [[] for _ in range(n)]
+        self.results = [Result(prompt_blocked=self.blocked[s.prompt]) for s in self.parsed.sequences]
 
     @property
     def rid(self) -> str:
@@ -131,18 +134,27 @@ class _Call:
         return sum(len(x) for x in self.parsed.prompt_ids)
 
     def usage(self) -> Usage:
-        return usage(self.prompt_tokens, sum(self.n_tokens))
+        return usage(self.prompt_tokens, sum(r.n_tokens for r in self.results))
 
     def took(self, index: int, text: str, reason: str | None) -> None:
-        self.first = self.first or (time.perf_counter() if text else None)
-        self.reasons[index] = reason or self.reasons[index]
+        now = time.perf_counter() if text else None
+        self.first, self.last = self.first or now, now or self.last
+        self.results[index].finish_reason = reason or self.results[index].finish_reason
+
+    def inter_token(self) -> float | None:
+        """The mean time between tokens after the first (from the first text to the last, over the tokens
+        generated after the first one in every sequence); None with fewer than 2 tokens."""
+        later = sum(max(r.n_tokens - 1, 0) for r in self.results)
+        if self.first is None or self.last is None or not later:
+            return None
+        return (self.last - self.first) / later * len(self.results)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body; a 413 naming `body` once it passes `limit` bytes (before reading any of it when
     the client declared a larger Content-Length)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # '²'.isdigit() too
         raise ApiError(413, f"request body: {declared} bytes exceeds the limit of {limit} bytes", "body")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -215,31 +227,34 @@ class ModelServer:
         logger.info("serving %s (%s) from %s on %s; %d API key(s)", self.name, self.fingerprint,
                     self.args.model_dir, device, len(self.keys))
 
-    async def _choice(self, call: _Call, index: int) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(index, new text, finish_reason) for one prompt, with the output moderation applied."""
-        if call.blocked[index]:
-            yield index, "", "content_filter"
+    async def _choice(self, call: _Call, index: int) -> AsyncIterator[tuple[int, str, str | None, list[TokenLogprob]]]:
+        """(index, new text, finish_reason, new logprobs) for one sequence, with the output moderation applied."""
+        r, seq = call.results[index], call.parsed.sequences[index]
+        if r.prompt_blocked:
+            yield index, "", "content_filter", []
             return
         text, hit = "", False
-        async with aclosing(self.engine.stream(call.parsed.prompt_ids[index], call.parsed.params)) as deltas:
+        async with aclosing(self.engine.stream(call.parsed.prompt_ids[seq.prompt], seq.params)) as deltas:
             async for d in deltas:
-                call.n_tokens[index], call.token_ids[index] = d.n_tokens, d.token_ids or call.token_ids[index]
+                r.n_tokens, r.token_ids = d.n_tokens, d.token_ids or r.token_ids
+                r.prompt_logprobs = d.prompt_logprobs or r.prompt_logprobs
                 if d.text and self.moderator.check(text + d.text, "output"):
                     hit = True  # the text that completed a blocked term is not sent; leaving the stream ends the row
                     break
                 text += d.text
-                yield index, d.text, d.finish_reason
+                r.logprobs += d.logprobs or []
+                yield index, d.text, d.finish_reason, d.logprobs or []
         if hit:
-            yield index, "", "content_filter"
+            yield index, "", "content_filter", []
 
-    def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None]]:
-        return _merge([self._choice(call, i) for i in range(len(call.blocked))])
+    def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None, list[TokenLogprob]]]:
+        return _merge([self._choice(call, i) for i in range(len(call.results))])
 
-    @api.post(COMPLETIONS)
+    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._generate(request, COMPLETIONS, parse_completion)
 
-    @api.post(CHAT)
+    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._generate(request, CHAT, parse_chat)
 
@@ -248,7 +263,8 @@ class ModelServer:
         t0 = time.perf_counter()
         try:
             authorize(request.headers, self.keys)
-            body = parse_json_body(await read_body(request, self.args.limits.max_body_bytes))
+            limits = self.args.limits
+            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
             parsed = parse(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
         except ApiError as e:
             self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
@@ -262,21 +278,19 @@ class ModelServer:
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": call.rid})
 
     async def _complete_json(self, call: _Call) -> JSONResponse:
-        parts: list[list[str]] = [[] for _ in call.blocked]
         try:
             async with aclosing(self._choices(call)) as merged:
-                async for index, text, reason in merged:
+                async for index, text, reason, _ in merged:
                     call.took(index, text, reason)
-                    parts[index].append(text)
+                    call.results[index].text += text
         except Exception:
             logger.exception("%s failed", call.rid)
             self._finish(call, 500, "server_error")
             return error_response(_generation_failed())
-        texts = ["".join(p) for p in parts]
         if self.args.log_prompts:
-            logger.info("%s output=%r", call.rid, texts)
+            logger.info("%s output=%r", call.rid, [r.text for r in call.results])
         self._finish(call, 200)
-        return JSONResponse(call.parsed.response(call.head, texts, call.reasons, call.token_ids, call.usage()))
+        return JSONResponse(call.parsed.response(call.head, call.results, call.usage()))
 
     async def _complete_sse(self, call: _Call) -> AsyncIterator[str]:
         code, error, parsed = 200, None, call.parsed
@@ -284,9 +298,9 @@ class ModelServer:
             for chunk in parsed.opening(call.head):
                 yield sse(chunk)
             async with aclosing(self._choices(call)) as merged:
-                async for index, text, reason in merged:
+                async for index, text, reason, new in merged:
                     call.took(index, text, reason)
-                    for chunk in parsed.chunks(call.head, index, text, reason, call.token_ids[index]):
+                    for chunk in parsed.chunks(call.head, index, text, reason, call.results[index], new):
                         yield sse(chunk)
             if parsed.request.stream_options and parsed.request.stream_options.include_usage:
                 yield sse(parsed.usage_chunk(call.head, call.usage()))
@@ -310,9 +324,12 @@ class ModelServer:
             self.metrics.completion_tokens.inc(done)
         if call.first is not None:
             self.metrics.ttft.observe(call.first - call.t0)
+        gap = call.inter_token()
+        if gap is not None:
+            self.metrics.inter_token.observe(gap)
         extra = f" prompt={call.parsed.prompts!r}" if self.args.log_prompts else ""
         logger.info("%s %d prompt_tokens=%d completion_tokens=%d finish=%s %.1fms%s", call.rid, code,
-                    call.prompt_tokens, done, call.reasons, seconds * 1e3, extra)
+                    call.prompt_tokens, done, [r.finish_reason for r in call.results], seconds * 1e3, extra)
 
     @api.get("/v1/models")
     async def models(self, request: Request):

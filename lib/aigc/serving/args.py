@@ -26,7 +26,13 @@ class LimitsArgs(Strict):
     )
     max_prompt_chars: int = Field(32_768, ge=1, description="cap on a prompt's characters (checked before tokenizing)")
     max_prompts: int = Field(8, ge=1, description="prompts in one request (`prompt` may be a list)")
+    max_n: int = Field(8, ge=1, description="cap on a request's `n` and `best_of` (choices per prompt)")
+    max_logprobs: int = Field(
+        5, ge=0, le=20, description="cap on `logprobs` (completions) and `top_logprobs` (chat): alternatives per token"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="cap on the request body; larger -> 413")
+    # a real request nests 4 deep (messages[i].content); 100,000 levels once crashed the JSON decoder
+    max_json_depth: int = Field(32, ge=4, le=500, description="cap on the request body's JSON nesting depth")
 
 
 class BatchingArgs(Strict):
