@@ -24,6 +24,7 @@ from aigc.config import DataSection
 from aigc.corpus import SPLITS
 from aigc.pii import scrub_batch
 from aigc.splits import (
+    BLOCK_ROWS,
     FLAG_BITS,
     LOSS,
     PACKED,
@@ -34,6 +35,7 @@ from aigc.splits import (
     TEXT,
     DataError,
     PackedData,
+    Sample,
     Splits,
     SplitSource,
     check_file,
@@ -77,11 +79,11 @@ def text_of(column: str, row: Any, path: str, where: str, problems: list[str]) -
     return {"text": text} if text.strip() else None
 
 
-def check_text_file(path: str, column: str) -> int | None:
+def check_text_file(path: str, column: str) -> Sample:
     """Check a text-format file on the driver from its first SAMPLE_ROWS rows (the cluster checks every row
-    as it reads them); its row count when the sample is the whole file."""
-    rows, count = sample(path)
-    values = [r for _, r in rows]
+    as it reads them); the sample."""
+    checked = sample(path)
+    count, values = checked.count, [r for _, r in checked.rows]
     if values and all(isinstance(v, dict) for v in values):
         columns = sorted({k for v in values for k in v})
         if column not in columns:
@@ -96,7 +98,7 @@ def check_text_file(path: str, column: str) -> int | None:
         raise DataError(f"{path}: column {column!r} has {nulls} missing (null) values{of}")
     if count is not None and not any(v.strip() for v in values):
         raise DataError(f"{path}: column {column!r} has no non-empty text")
-    return count
+    return checked
 
 
 def load_splits(cfg: DataSection) -> Splits:
@@ -106,12 +108,12 @@ def load_splits(cfg: DataSection) -> Splits:
     if cfg.format != "text":
         return load_task_splits(cfg)
     files, column = data_files(cfg)
-    counts: dict[str, int | None] = {}
+    samples = {}
     for path in dict.fromkeys(p for s in SPLITS for p in files[s]):
         check_file(path)
-        counts[path] = check_text_file(path, column)
+        samples[path] = check_text_file(path, column)
     source = SplitSource((), functools.partial(text_of, column), ("text",))
-    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, counts)
+    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, samples)
 
 
 # ----------------------------------------------------------------------------------- tokenise + pack
@@ -158,7 +160,7 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
     return pack
 
 
-def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
+def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = BLOCK_ROWS) -> PackedData:
     """Read, tokenise and pack every split with Ray Data tasks, materialise the compact blocks in the object
     store, and count them; the driver sees only the counts."""
     if cfg.format != "text":

@@ -13,6 +13,7 @@ code) streams every row on the cluster, numbered by file and line so that proble
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ PII_KINDS = ("email", "phone", "card", "national_id")
 # file suffix -> how its rows are read
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAMPLE_ROWS = 1000  # rows of every file the driver checks before Ray starts; the cluster checks every row
-CHUNK_ROWS = 1000  # rows per block the reader yields: one tokenise/pack map task each
+CHUNK_ROWS = 1000  # rows per table a read task yields (Ray joins them into blocks)
+BLOCK_ROWS = 1000  # rows per block, about: one tokenise/pack task each
 READ_CPUS = 0.25  # a read task only splits lines; a different CPU request keeps Ray from fusing it with the
 # tokenising map, so a single file's blocks are tokenised by parallel tasks, not by its one read task
 
@@ -113,9 +115,10 @@ def _lines(f: Any) -> Iterator[str]:
         yield rest.decode("utf-8").rstrip("\r")
 
 
-def stream_rows(f: Any, path: str) -> Iterator[tuple[int, Any]]:
+def stream_rows(f: Any, path: str, parse: bool = True) -> Iterator[tuple[int, Any]]:
     """(number, row) of every row of a file's binary stream `f`: JSON lines (blank lines skipped, numbered by
-    line), a JSON array's elements, CSV and Parquet rows (dicts), plain text lines (strings); numbered from 1."""
+    line), a JSON array's elements, CSV and Parquet rows (dicts), plain text lines (strings); numbered from 1.
+    `parse=False` leaves JSON lines as their text (the reader's tasks parse them where they are checked)."""
     kind = FORMATS[Path(path).suffix.lower()]
     if kind == "parquet":
         n = 0
@@ -148,15 +151,12 @@ def stream_rows(f: Any, path: str) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: not valid JSON: {e}") from None
         yield from enumerate(rows, 1)
         return
-    for n, line in enumerate([first], 1):
+    for n, line in enumerate(itertools.chain([first], lines), 1):
         if line.strip():
-            yield n, _json_line(line, path, n)
-    for n, line in enumerate(lines, 2):
-        if line.strip():
-            yield n, _json_line(line, path, n)
+            yield n, json_line(line, path, n) if parse else line
 
 
-def _json_line(line: str, path: str, n: int) -> Any:
+def json_line(line: str, path: str, n: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -245,10 +245,10 @@ class RowSource(FileBasedDatasource):
 
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
         file = self.index[str(Path(path).resolve())]
-        text = FORMATS[Path(path).suffix.lower()] == "text"
+        text = FORMATS[Path(path).suffix.lower()] == "text" or path.lower().endswith(".jsonl")  # rows as text
         rows: list[tuple[int, Any]] = []
         start = 0
-        for item in stream_rows(f, path):
+        for item in stream_rows(f, path, parse=False):
             rows.append(item)
             if len(rows) == self.chunk:
                 yield self._block(file, start, rows, text)
@@ -282,6 +282,7 @@ class SplitSource:
     canon: Canon
     columns: tuple[str, ...]  # the canonical columns, in order
     carve: Carve | None = None
+    rows_estimate: tuple[float, ...] = ()  # rows per file: counted, or estimated from the sample's row size
     report: Callable[[list[str], str], None] | None = None  # raises the DataError for problems of `what`
 
     def _problems(self, problems: list[str], what: str) -> None:
@@ -314,10 +315,17 @@ class SplitSource:
     def __len__(self) -> int:
         return sum(1 for _ in self.rows())
 
-    def dataset(self, chunk: int = CHUNK_ROWS) -> Any:
-        """The split as a lazy Ray Dataset of canonical rows: read, carved and checked by Ray Data tasks."""
+    def dataset(self, rows_per_block: int = BLOCK_ROWS) -> Any:
+        """The split as a lazy Ray Dataset of canonical rows: read, carved and checked by Ray Data tasks.
+
+        Its blocks (one tokenise/pack task each, and where packing restarts) are cut from the files' sizes alone
+        (`override_num_blocks`: about `rows_per_block` rows each, by the row counts or estimates), never from
+        the CPUs the cluster has now: the same data gives the same blocks, so the same packed rows, on a
+        resumed run or another cluster."""
         carve = self.resolved().carve
-        read = ray.data.read_datasource(RowSource(list(self.files), carve, chunk=chunk), num_cpus=READ_CPUS)
+        blocks = max(len(self.files), math.ceil(sum(self.rows_estimate or (0,)) / rows_per_block))
+        read = ray.data.read_datasource(RowSource(list(self.files), carve), num_cpus=READ_CPUS,
+                                        override_num_blocks=blocks)
         return read.map_batches(self._canonical, batch_size=None, batch_format="pyarrow")
 
     def _canonical(self, block: pa.Table) -> dict[str, np.ndarray]:
@@ -326,7 +334,7 @@ class SplitSource:
         problems: list[str] = []
         for file, n, raw in zip(files, rows, raws, strict=True):
             path = self.files[file]
-            row = raw if FORMATS[Path(path).suffix.lower()] == "text" else json.loads(raw)
+            row = raw if FORMATS[Path(path).suffix.lower()] == "text" else json_line(raw, path, n)
             canon = self.canon(row, path, where(path, n), problems)
             if canon is not None:
                 for c in self.columns:
@@ -370,30 +378,46 @@ class Splits:
         return getattr(self, name)
 
 
-def sample(path: str) -> tuple[list[tuple[int, Any]], int | None]:
-    """The first SAMPLE_ROWS (number, row) of a file, and its row count when the sample reached its end."""
+@dataclass
+class Sample:
+    """The first SAMPLE_ROWS (number, row) of a file; its row count when they are all of it, else None; and
+    its rows, counted or estimated from the sampled rows' size (what `SplitSource.dataset` cuts blocks by)."""
+
+    rows: list[tuple[int, Any]]
+    count: int | None
+    estimate: float
+
+
+def sample(path: str) -> Sample:
     rows, complete = [], True
     for item in file_rows(path):
         if len(rows) == SAMPLE_ROWS:
             complete = False
             break
         rows.append(item)
-    return rows, len(rows) if complete else None
+    if complete:
+        return Sample(rows, len(rows), float(len(rows)))
+    row_bytes = sum(len(r if isinstance(r, str) else json.dumps(r, default=str)) + 1 for _, r in rows) / len(rows)
+    return Sample(rows, None, Path(path).expanduser().stat().st_size / row_bytes)
 
 
 def file_splits(files: dict[str, list[str]], source: SplitSource, ratios: tuple[float, float, float], seed: int,
-                counts: dict[str, int | None]) -> Splits:
+                samples: dict[str, Sample]) -> Splits:
     """Splits of checked files: the given validation/test files, or all three carved from the train files.
-    `counts`: rows per file where the driver's sample reached the end; Ray Data counts the others on first use."""
+    Rows per file are known where the driver's sample reached the end; Ray Data counts the others on first use."""
     origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}"
               for s in ("train", "validation", "test")}
+
+    def of(paths: list[str], carve: Carve | None = None) -> SplitSource:
+        return replace(source, files=tuple(paths), carve=carve, rows_estimate=tuple(samples[p].estimate for p in paths))
+
     if files["validation"]:
-        return Splits(*(replace(source, files=tuple(files[s])) for s in ("train", "validation", "test")), origin=origin)
-    known = tuple(counts.get(p) for p in files["train"])
+        return Splits(*(of(files[s]) for s in ("train", "validation", "test")), origin=origin)
+    known = tuple(samples[p].count for p in files["train"])
     if None not in known:
         check_carve(sum(known), ratios, origin["train"])  # type: ignore[arg-type]
-    return Splits(*(replace(source, files=tuple(files["train"]), carve=Carve(part, known, ratios, seed, origin["train"]))
-                    for part in range(3)), origin=origin)
+    return Splits(*(of(files["train"], Carve(part, known, ratios, seed, origin["train"])) for part in range(3)),
+                  origin=origin)
 
 
 def hub_files(cfg: DataSection) -> dict[str, list[str]]:
@@ -451,17 +475,22 @@ def column_sums(ds: Any, columns: list[str]) -> dict[str, int]:
 
 def ordered() -> None:
     """Ray Data keeps block order through every map: the packed rows, and so each rank's shard (and a resumed
-    run's position in it), are the same on every run."""
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    run's position in it), are the same on every run. And a map task's own exception (a DataError naming a
+    bad row) reaches the driver as itself, not as Ray Data's "UDF failed"."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.raise_original_map_exception = True
 
 
 def find_data_error(e: BaseException) -> DataError | None:
-    """The DataError a Ray Data task raised, from the exception the driver got (Ray wraps it, maybe twice)."""
+    """The DataError a Ray Data task raised, from the exception the driver got (a RayTaskError whose `cause`
+    it is, with `raise_original_map_exception`; see `ordered`)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, DataError):
-            return DataError(str(e).split("\n", 1)[-1] if str(e).startswith("ray::") else str(e))
         cause = getattr(e, "cause", None)
+        if isinstance(cause, DataError) or type(e) is DataError:
+            # Ray Data appends its retry advice to the message; the problem is what comes before it
+            return DataError(str(cause if isinstance(cause, DataError) else e).split("\nFailed to apply UDF")[0])
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None

@@ -29,6 +29,7 @@ from aigc.config import DataSection
 from aigc.corpus import SPLITS
 from aigc.pii import scrub_batch
 from aigc.splits import (
+    BLOCK_ROWS,
     FLAG_BITS,
     LOSS,
     PACKED,
@@ -37,6 +38,7 @@ from aigc.splits import (
     START,
     DataError,
     PackedData,
+    Sample,
     Splits,
     SplitSource,
     check_file,
@@ -150,32 +152,32 @@ def task_row(cfg: DataSection, row: Any, path: str, where: str, problems: list[s
     return None if canon is None else {**canon, "source": where}
 
 
-def check_task_file(path: str, cfg: DataSection) -> int | None:
+def check_task_file(path: str, cfg: DataSection) -> Sample:
     """Validate the first SAMPLE_ROWS rows of a task file on the driver, every problem listed at once (the
-    cluster validates every row as it reads them); the file's row count when the sample is the whole file."""
+    cluster validates every row as it reads them); the sample."""
     _, builder = check_file(path)
     if builder == "text":
         raise DataError(f"{path}: plain text has no fields; task formats need .jsonl, .json, .csv or .parquet")
-    rows, count = sample(path)
+    checked = sample(path)
     problems: list[str] = []
-    for n, row in rows:
+    for n, row in checked.rows:
         task_row(cfg, row, path, where(path, n), problems)
     if problems:
         report_problems(cfg.format, problems, path)
-    if not rows:
+    if not checked.rows:
         raise DataError(f"{path}: no rows")
-    return count
+    return checked
 
 
 def load_task_splits(cfg: DataSection) -> Splits:
     """Train/validation/test examples of a task format from the embedded task, files or a hub dataset: every
     file checked on the driver (a sample of its rows), none read; see `aigc.data.load_splits`."""
     files, _ = data_files(cfg)
-    counts = {p: check_task_file(p, cfg) for s in SPLITS for p in files[s]}
+    samples = {p: check_task_file(p, cfg) for s in SPLITS for p in files[s]}
     columns = ("messages", "source") if cfg.format == "chat" else ("prompt", "completion", "source")
     source = SplitSource((), functools.partial(task_row, cfg), columns,
                          report=functools.partial(report_problems, cfg.format))
-    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, counts)
+    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, samples)
 
 
 def training_texts(split: Any) -> Iterator[str]:
@@ -400,7 +402,7 @@ def _drop_carriers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
+def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = BLOCK_ROWS) -> PackedData:
     """Read, validate, render, tokenise, mask, truncate and pack (or pad) every split in Ray Data tasks
     (`make_task_packer`), materialise the compact rows, and count them; rows that cannot be used stop the
     run, named, before any Train worker starts."""
