@@ -13,6 +13,7 @@ from the Ray Data task that met the row. The task formats
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -126,7 +127,11 @@ def pack_ids(docs: list[list[int]], eos_id: int, block_size: int, dtype: Any = n
     ends, so `model_inputs` masks the padding (label -100, attention 0): no text is dropped and no padding is
     learned. Labels are the inputs (the model shifts them), so nothing else is stored.
     """
-    stream = np.fromiter((t for ids in docs for t in (*ids, eos_id)), dtype=np.int64)
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) + 1  # each document and its EOS
+    stream = np.full(int(lengths.sum()), eos_id, dtype=np.int64)
+    text = np.ones(len(stream), dtype=bool)
+    text[np.cumsum(lengths) - 1] = False
+    stream[text] = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=int(text.sum()))
     n_full, tail = divmod(len(stream), block_size)
     n_blocks = n_full + (1 if tail > 1 else 0)  # a 1-token tail has nothing to predict
     flat = np.full(n_blocks * block_size, eos_id, dtype=np.int64)
