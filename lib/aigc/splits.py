@@ -13,6 +13,7 @@ code) streams every row on the cluster, numbered by file and line so that proble
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -202,13 +203,20 @@ class Carve:
         check_carve(sum(counts), self.ratios, self.where)
         return replace(self, counts=counts)
 
-    def keep(self, file: int, ordinals: np.ndarray) -> np.ndarray:
-        """Mask of the rows (0-based ordinals within file number `file`) that belong to this split."""
+    @functools.cached_property
+    def _affine(self) -> tuple[int, int, int]:
         n = sum(self.counts)  # type: ignore[arg-type]
+        if n >= 1 << 32:
+            raise DataError(f"{self.where}: {n:,} rows are more than carving supports (2**32); give "
+                            "data.validation_files and data.test_files")
         rng = np.random.default_rng(self.seed)
         # a < 2**31 and n < 2**32 keep a * i below 2**63
         a = next((int(x) for x in rng.integers(1, min(max(n, 2), 1 << 31), size=64) if math.gcd(int(x), n) == 1), 1)
-        b = int(rng.integers(0, max(n, 1)))
+        return n, a, int(rng.integers(0, max(n, 1)))
+
+    def keep(self, file: int, ordinals: np.ndarray) -> np.ndarray:
+        """Mask of the rows (0-based ordinals within file number `file`) that belong to this split."""
+        n, a, b = self._affine
         index = sum(self.counts[:file]) + np.asarray(ordinals, dtype=np.int64)  # type: ignore[arg-type]
         rank = (a * index + b) % max(n, 1)
         n_val, n_test = round(n * self.ratios[1]), round(n * self.ratios[2])
@@ -299,14 +307,20 @@ class SplitSource:
         """Every canonical row of the split, streamed on this process (carve applied)."""
         carve = self.resolved().carve
         for i, path in enumerate(self.files):
-            for ordinal, (n, row) in enumerate(file_rows(path)):
-                if carve and not carve.keep(i, np.array([ordinal]))[0]:
-                    continue
-                problems: list[str] = []
-                out = self.canon(row, path, where(path, n), problems)
-                self._problems(problems, path)
-                if out is not None:
-                    yield out
+            rows = file_rows(path)
+            for start in itertools.count(0, CHUNK_ROWS):
+                chunk = list(itertools.islice(rows, CHUNK_ROWS))
+                if not chunk:
+                    break
+                keep = carve.keep(i, np.arange(start, start + len(chunk))) if carve else [True] * len(chunk)
+                for (n, row), kept in zip(chunk, keep, strict=True):
+                    if not kept:
+                        continue
+                    problems: list[str] = []
+                    out = self.canon(row, path, where(path, n), problems)
+                    self._problems(problems, path)
+                    if out is not None:
+                        yield out
 
     def to_list(self) -> list[dict[str, Any]]:
         """Every canonical row in a list: for the small splits (test examples) only."""
