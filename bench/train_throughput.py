@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aigc.config import FinetuneConfig, TinyArch, load_config
@@ -67,12 +68,13 @@ def main() -> None:
     ]
     cfg = load_config(FinetuneConfig, None, overrides)
     splits = load_splits(cfg.data)
-    tok = train_tokenizer(iter(splits.train["text"]), 512)
+    texts = [r["text"] for r in splits.train.rows()]
+    tok = train_tokenizer(iter(texts), 512)
     arch = TinyArch(n_layer=a.n_layer, n_embd=a.n_embd, n_head=4, vocab_size=512)
     model = build_tiny_gpt2(arch, len(tok), a.block_size, tok.eos_token_id)
     base = save_model_dir(model, tok, work / "base-model", config={"bench": True})
-    ids = tok(list(splits.train["text"]), add_special_tokens=False)["input_ids"]
-    blocks = torch.from_numpy(pack_ids(ids, tok.eos_token_id, a.block_size)["input_ids"][:-1])
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    blocks = torch.from_numpy(pack_ids(ids, tok.eos_token_id, a.block_size, np.int64)["ids"][:-1])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {a.n_layer} layers x {a.n_embd} wide = {n_params / 1e6:.1f}M params; {len(blocks)} blocks of "
           f"{a.block_size} tokens; global batch 16 blocks; {a.steps} steps")

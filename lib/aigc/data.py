@@ -1,26 +1,53 @@
-"""Data: `datasets` loads and validates text on the driver; Ray Data scrubs, tokenises and packs it in a
-distributed map; each Train worker reads a disjoint, deterministic shard.
+"""Data: the driver checks the files (types, columns, a sample of rows) and never holds the corpus; Ray Data
+tasks read every row, check it, scrub, tokenise and pack it into compact blocks (2 bytes a token with a
+vocabulary under 65,536) in the object store; each Train worker reads a disjoint, deterministic shard, and
+`model_inputs` rebuilds labels and masks from the compact rows where the batch is used.
 
 Errors about the data (missing or empty file, wrong column, non-text values, too little text) are raised
-here, on the driver, before any worker starts, and name the file and the column. The task formats
+before any worker starts and name the file and the column: from the driver's sample before Ray starts, or
+from the Ray Data task that met the row. The task formats
 (`data.format` prompt_completion and chat) are loaded, masked and packed by `aigc.taskdata`; `load_splits` and
 `to_ray_blocks` hand them over. What both share (`DataError`, `Splits`, `PackedData`, ...) is `aigc.splits`'s.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from ray.train import DataConfig
 
 from aigc.config import DataSection
-from aigc.corpus import SPLITS, ensure_embedded_corpus
+from aigc.corpus import SPLITS
 from aigc.pii import scrub_batch
-from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
+from aigc.splits import (
+    BLOCK_ROWS,
+    FLAG_BITS,
+    LOSS,
+    PACKED,
+    PADDED,
+    PII_KINDS,
+    SAMPLE_ROWS,
+    START,
+    TEXT,
+    DataError,
+    PackedData,
+    Sample,
+    Splits,
+    SplitSource,
+    check_file,
+    column_sums,
+    data_files,
+    file_splits,
+    materialize,
+    ordered,
+    sample,
+    token_dtype,
+)
 from aigc.taskdata import load_task_splits, task_blocks
 
 # What a row may feed the model: text blocks and padded task examples carry an attention mask, packed task
@@ -28,101 +55,96 @@ from aigc.taskdata import load_task_splits, task_blocks
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
-def _load_file(path: str, column: str) -> Any:
-    """One local file as a single-column (`text`) Dataset, with every check that names the file."""
-    p, fmt = check_file(path)
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from None
-    col = "text" if fmt == "text" else column
-    return _text_column(ds, col, where=str(path))
+# ----------------------------------------------------------------------------------- files -> splits
 
 
-def _text_column(ds: Any, column: str, where: str) -> Any:
-    if column not in ds.column_names:
-        raise DataError(f"{where}: no column {column!r} (data.text_column); columns are {ds.column_names}")
-    feature = ds.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise DataError(f"{where}: column {column!r} holds {feature}, not text")
-    nulls = sum(1 for v in ds[column] if v is None)
+def text_of(column: str, row: Any, path: str, where: str, problems: list[str]) -> dict[str, str] | None:
+    """{text} of one row of a text-format file (a line of a .txt file, else the row's `column`), None for a
+    blank document; a row without usable text adds a problem naming the file, the column and the row."""
+    if isinstance(row, str):
+        text = row
+    elif not isinstance(row, dict):
+        problems.append(f"{path}: {where}: a row must be an object with column {column!r}, got {type(row).__name__}")
+        return None
+    elif column not in row:
+        problems.append(f"{path}: no column {column!r} (data.text_column) in {where}; it has {sorted(row)}")
+        return None
+    elif row[column] is None:
+        problems.append(f"{path}: column {column!r} has a missing (null) value in {where}")
+        return None
+    elif not isinstance(row[column], str):
+        problems.append(f"{path}: column {column!r} holds {type(row[column]).__name__}, not text, in {where}")
+        return None
+    else:
+        text = row[column]
+    return {"text": text} if text.strip() else None
+
+
+def check_text_file(path: str, column: str) -> Sample:
+    """Check a text-format file on the driver from its first SAMPLE_ROWS rows (the cluster checks every row
+    as it reads them); the sample."""
+    checked = sample(path)
+    count, values = checked.count, [r for _, r in checked.rows]
+    if values and all(isinstance(v, dict) for v in values):
+        columns = sorted({k for v in values for k in v})
+        if column not in columns:
+            raise DataError(f"{path}: no column {column!r} (data.text_column); columns are {columns}")
+        values = [v.get(column) for v in values]
+    of = "" if count is not None else f" in its first {SAMPLE_ROWS} rows"
+    wrong = sorted({type(v).__name__ for v in values if v is not None and not isinstance(v, str)})
+    if wrong:
+        raise DataError(f"{path}: column {column!r} holds {', '.join(wrong)}, not text{of}")
+    nulls = sum(v is None for v in values)
     if nulls:
-        raise DataError(f"{where}: column {column!r} has {nulls} missing (null) values")
-    ds = ds.select_columns([column])
-    if feature.dtype != "string":  # parquet/csv may give large_string; files of one split must concatenate
-        ds = ds.cast_column(column, datasets.Value("string"))
-    if column != "text":
-        ds = ds.rename_column(column, "text")
-    ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
-    if len(ds) == 0:
-        raise DataError(f"{where}: column {column!r} has no non-empty text")
-    return ds
-
-
-def _concat(paths: list[str], column: str) -> Any:
-    return datasets.concatenate_datasets([_load_file(p, column) for p in paths])
+        raise DataError(f"{path}: column {column!r} has {nulls} missing (null) values{of}")
+    if count is not None and not any(v.strip() for v in values):
+        raise DataError(f"{path}: column {column!r} has no non-empty text")
+    return checked
 
 
 def load_splits(cfg: DataSection) -> Splits:
-    """Validated train/validation/test text (or task examples) from the embedded corpus, local files, or a hub
-    dataset."""
+    """The train/validation/test splits of the embedded corpus, local files or a hub dataset, checked on the
+    driver (files, types, columns, and a sample of every file) but not read: each split is a `SplitSource`
+    that the cluster reads (`to_ray_blocks`). Task formats: `aigc.taskdata.load_task_splits`."""
     if cfg.format != "text":
         return load_task_splits(cfg)
-    if cfg.source == "hub":
-        try:
-            dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
-        except Exception as e:
-            raise DataError(f"data.hub_name={cfg.hub_name!r}: cannot load: {type(e).__name__}: {e}") from None
-        where = f"dataset {cfg.hub_name!r}"
-        parts = {s: _text_column(dd[s], cfg.text_column, f"{where} split {s!r}") for s in SPLITS if s in dd}
-        if "train" not in parts:
-            raise DataError(f"{where}: has no 'train' split (splits: {list(dd)})")
-        if len(parts) < 3:
-            parts = dict(zip(SPLITS, carve(parts["train"], cfg.split_ratios, cfg.split_seed, where), strict=True))
-        return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
-
-    if cfg.source == "embedded":
-        files = {s: [p] for s, p in ensure_embedded_corpus(cfg).items()}
-        column = "text"
-    else:
-        files = {"train": cfg.train_files, "validation": cfg.validation_files, "test": cfg.test_files}
-        column = cfg.text_column
-    origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}" for s in SPLITS}
-    train = _concat(files["train"], column)
-    if files["validation"]:
-        return Splits(train, _concat(files["validation"], column), _concat(files["test"], column), origin)
-    return Splits(*carve(train, cfg.split_ratios, cfg.split_seed, origin["train"]), origin=origin)
+    files, column = data_files(cfg)
+    samples = {}
+    for path in dict.fromkeys(p for s in SPLITS for p in files[s]):
+        check_file(path)
+        samples[path] = check_text_file(path, column)
+    source = SplitSource((), functools.partial(text_of, column), ("text",))
+    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, samples)
 
 
 # ----------------------------------------------------------------------------------- tokenise + pack
 
 
-def pack_ids(docs: list[list[int]], eos_id: int, block_size: int) -> dict[str, np.ndarray]:
-    """Concatenate documents with EOS between them and cut into `block_size` blocks.
+def pack_ids(docs: list[list[int]], eos_id: int, block_size: int, dtype: Any = np.int32) -> dict[str, np.ndarray]:
+    """Concatenate documents with EOS between them and cut into `block_size` blocks of compact token ids.
 
-    Labels equal the inputs (the model shifts them); the tail that does not fill a block is kept as one
-    padded block whose padding is masked with -100 in the labels and 0 in the attention mask, so no text is
-    dropped and no padding is learned.
+    The tail that does not fill a block is kept as one block padded with EOS; `n_tokens` says where its text
+    ends, so `model_inputs` masks the padding (label -100, attention 0): no text is dropped and no padding is
+    learned. Labels are the inputs (the model shifts them), so nothing else is stored.
     """
-    stream: list[int] = []
-    for ids in docs:
-        stream.extend(ids)
-        stream.append(eos_id)
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) + 1  # each document and its EOS
+    stream = np.full(int(lengths.sum()), eos_id, dtype=np.int64)
+    text = np.ones(len(stream), dtype=bool)
+    text[np.cumsum(lengths) - 1] = False
+    stream[text] = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=int(text.sum()))
     n_full, tail = divmod(len(stream), block_size)
     n_blocks = n_full + (1 if tail > 1 else 0)  # a 1-token tail has nothing to predict
-    input_ids = np.full((n_blocks, block_size), eos_id, dtype=np.int64)
-    labels = np.full((n_blocks, block_size), -100, dtype=np.int64)
-    mask = np.zeros((n_blocks, block_size), dtype=np.int64)
-    for b in range(n_blocks):
-        chunk = stream[b * block_size:(b + 1) * block_size]
-        input_ids[b, :len(chunk)] = chunk
-        labels[b, :len(chunk)] = chunk
-        mask[b, :len(chunk)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "n_tokens": mask.sum(axis=1)}
+    flat = np.full(n_blocks * block_size, eos_id, dtype=np.int64)
+    flat[:min(len(stream), len(flat))] = stream[:len(flat)]
+    n_tokens = np.clip(len(stream) - np.arange(n_blocks) * block_size, 0, block_size).astype(np.int32)
+    return {"ids": flat.reshape(n_blocks, block_size).astype(dtype), "n_tokens": n_tokens,
+            "layout": np.full(n_blocks, TEXT, dtype=np.uint8)}
 
 
 def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[dict], dict]:
-    """The Ray Data map function: (optional PII scrub) -> tokenise -> pack. Ships the tokenizer by value."""
+    """The Ray Data map function: (optional PII scrub) -> tokenise -> pack into compact blocks (uint16 ids
+    when the vocabulary has < 65,536 tokens). Ships the tokenizer by value."""
+    dtype = token_dtype(len(tokenizer), FLAG_BITS[TEXT])
 
     def pack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
@@ -130,47 +152,42 @@ def make_packer(tokenizer: Any, block_size: int, scrub_pii: bool) -> Callable[[d
         if scrub_pii:
             texts, counter = scrub_batch(texts)
             counts = dict(counter)
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        out = pack_ids(ids, tokenizer.eos_token_id, block_size)
-        # per-batch PII counts ride on the first block so the driver can sum them without a second pass
-        for kind in PII_KINDS:
-            col = np.zeros(len(out["input_ids"]), dtype=np.int64)
-            if len(col):
-                col[0] = counts.get(kind, 0)
-            out[f"pii_{kind}"] = col
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out = pack_ids(ids, tokenizer.eos_token_id, block_size, dtype)
+        if scrub_pii:  # per-batch PII counts ride on the first block so the driver sums them in the same pass
+            for kind in PII_KINDS:
+                col = np.zeros(len(out["ids"]), dtype=np.int32)
+                if len(col):
+                    col[0] = counts.get(kind, 0)
+                out[f"pii_{kind}"] = col
         return out
 
     return pack
 
 
-def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
-    """Tokenise and pack every split with a distributed Ray Data map, materialise, and check the sizes."""
+def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = BLOCK_ROWS) -> PackedData:
+    """Read, tokenise and pack every split with Ray Data tasks, materialise the compact blocks in the object
+    store, and count them; the driver sees only the counts."""
     if cfg.format != "text":
         return task_blocks(splits, tokenizer, cfg, docs_per_batch)
+    ordered()
     pack = make_packer(tokenizer, cfg.block_size, cfg.scrub_pii)
-    kinds = PII_KINDS
-    counted = ["n_tokens", *(f"pii_{k}" for k in kinds)]
-    out, blocks, tokens, pii = {}, {}, {}, dict.fromkeys(kinds, 0)
+    counted = ["n_tokens", *(f"pii_{k}" for k in PII_KINDS if cfg.scrub_pii)]
+    out = PackedData({}, {}, {}, dict.fromkeys(PII_KINDS, 0))
     for name in SPLITS:
-        ds = to_ray(splits[name], docs_per_batch).map_batches(pack, batch_size=None, batch_format="numpy").materialize()
-        # Sums of the small per-block columns, streamed to the driver: `Dataset.aggregate` runs a hash
-        # shuffle that cost ~5 s a split here, for five integers.
-        sums, blocks[name] = dict.fromkeys(counted, 0), ds.count()
-        for batch in ds.select_columns(counted).iter_batches(batch_size=None, batch_format="numpy"):
-            for c in counted:
-                sums[c] += int(batch[c].sum())
-        tokens[name] = sums["n_tokens"]
-        for k in kinds:
-            pii[k] += sums[f"pii_{k}"]
-        if name == "train" and tokens[name] <= cfg.block_size:
-            raise DataError(
-                f"{splits.origin.get(name, name)}: split {name!r} has {tokens[name]} tokens, fewer than one "
-                f"block (data.block_size={cfg.block_size})"
-            )
-        if tokens[name] < 2:
-            raise DataError(f"{splits.origin.get(name, name)}: split {name!r} has no text to evaluate on")
-        out[name] = ds
-    return PackedData(out, blocks, tokens, pii)
+        where = splits.origin.get(name, name)
+        ds = materialize(splits[name].dataset(docs_per_batch).map_batches(pack, batch_size=None, batch_format="numpy"))
+        sums = column_sums(ds, counted)
+        out.datasets[name], out.blocks[name], out.tokens[name] = ds, ds.count(), sums["n_tokens"]
+        out.bytes[name] = ds.size_bytes()
+        for k in PII_KINDS:
+            out.pii[k] += sums.get(f"pii_{k}", 0)
+        if name == "train" and out.tokens[name] <= cfg.block_size:
+            raise DataError(f"{where}: split {name!r} has {out.tokens[name]} tokens, fewer than one block "
+                            f"(data.block_size={cfg.block_size})")
+        if out.tokens[name] < 2:
+            raise DataError(f"{where}: split {name!r} has no text to evaluate on")
+    return out
 
 
 def shard_datasets(packed: PackedData, world_size: int, names: tuple[str, ...] = ("train", "validation")) -> dict:
@@ -216,11 +233,35 @@ def train_batches(shard: Any, micro_batch: int, seed: int, bucket: bool) -> Iter
             yield {k: v[chunks[j]] for k, v in window.items()}
 
 
+def expand(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model columns of a batch of compact rows (torch tensors; see `aigc.splits`, "compact tokens"):
+    text blocks: labels are the ids and the attention mask covers the first `n_tokens` positions; task rows:
+    labels where the LOSS flag is set; padded rows get the attention mask, packed blocks position ids that
+    restart at every START flag (each example, and the padding, counts from 0)."""
+    ids, n = batch["ids"].long(), batch["n_tokens"].long()
+    layout = int(batch["layout"].reshape(-1)[0])
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    inside = pos < n[:, None]
+    if layout == TEXT:
+        return {"input_ids": ids, "labels": torch.where(inside, ids, -100), "attention_mask": inside.long(),
+                "n_tokens": n}
+    flags, ids = ids & ((1 << FLAG_BITS[layout]) - 1), ids >> FLAG_BITS[layout]
+    out = {"input_ids": ids, "labels": torch.where((flags & LOSS) > 0, ids, -100), "n_tokens": n}
+    if layout == PADDED:
+        return {**out, "attention_mask": inside.long()}
+    assert layout == PACKED, layout
+    start = torch.where((flags & START) > 0, pos, torch.zeros_like(pos))
+    return {**out, "position_ids": pos - torch.cummax(start, dim=1).values}
+
+
 def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The keyword arguments of the model's forward for a batch: the model columns it has, on `device`,
+    """The keyword arguments of the model's forward for a batch (of compact rows, expanded by `expand`, or of
+    model columns): the model columns it has, on `device`,
     padding columns trimmed (a batch is as wide as its longest row), and `use_cache=False`: a KV cache,
     which transformers builds whenever the config says use_cache, silently turns a packed block's
     block-diagonal mask into a plain causal one (masking_utils skips packed detection with a cache)."""
+    if "ids" in batch:
+        batch = expand(batch)
     out = {k: batch[k] for k in MODEL_COLUMNS if k in batch}
     if "attention_mask" in out:
         width = int(out["attention_mask"].any(dim=0).nonzero().max()) + 1 if out["attention_mask"].any() else 1

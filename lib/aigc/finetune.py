@@ -234,14 +234,15 @@ class Prepared:
 
 
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
-    """Load and validate the data, prepare the base model, tokenise and pack: all before any worker starts.
+    """Check the data files, prepare the base model, then read, tokenise and pack on the cluster: all before
+    any worker starts. The driver holds the split sources and the packed blocks' references and counts, never
+    the corpus.
 
     Task formats also report, per split, the fraction of tokens that carry loss and how many examples were
     kept, had their prompt truncated, or were dropped (too long, or nothing left to learn)."""
-    splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
+    splits = load_splits(cfg.data)  # bad files fail here, before Ray starts; nothing is read but a sample
     init_ray()
-    texts = splits.train["text"] if cfg.data.format == "text" else training_texts(splits.train)
-    base = prepare_base(cfg, run_dir, texts)
+    base = prepare_base(cfg, run_dir, training_texts(splits.train))  # streamed, only to train a tokenizer
     check_before_training(cfg, base)  # LoRA: adapter on adapter, resumed adapter's base, targets
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.eos_token_id is None:
@@ -251,6 +252,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
     packed = to_ray_blocks(splits, tokenizer, cfg.data)
     _check_sizes(cfg, packed, splits.origin)
     info = {"blocks": packed.blocks, "tokens": packed.tokens, "origin": splits.origin,
+            "bytes_per_token": {s: round(packed.bytes[s] / max(packed.tokens[s], 1), 2) for s in packed.bytes},
             "pii_scrubbed": packed.pii if cfg.data.scrub_pii else None}
     if cfg.data.format != "text":
         info.update(loss_token_fraction=packed.loss_fraction(), examples=packed.examples)

@@ -18,17 +18,40 @@ example). `tests/unit/test_taskdata.py` checks a packed block's loss against its
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import datasets
 import numpy as np
 
 from aigc.config import DataSection
-from aigc.corpus import SPLITS, ensure_embedded_corpus
+from aigc.corpus import SPLITS
 from aigc.pii import scrub_batch
-from aigc.splits import PII_KINDS, DataError, PackedData, Splits, carve, check_file, to_ray
+from aigc.splits import (
+    BLOCK_ROWS,
+    FLAG_BITS,
+    LOSS,
+    PACKED,
+    PADDED,
+    PII_KINDS,
+    START,
+    DataError,
+    PackedData,
+    Sample,
+    Splits,
+    SplitSource,
+    check_file,
+    column_sums,
+    data_files,
+    file_rows,
+    file_splits,
+    materialize,
+    ordered,
+    sample,
+    token_dtype,
+    where,
+)
 from aigc.template import ROLES, Segment, TemplateError, chat_segments, encode_segments
 
 MAX_LISTED = 10  # problems listed in one DataError; the rest are counted
@@ -41,35 +64,13 @@ OK, TRUNCATED, TOO_LONG, NO_LOSS, RENDER_ERROR = range(5)
 
 
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of a local file; `where` is 'file line N' for JSON lines, else 'file row N'."""
-    p, builder = check_file(path)
+    """(where, row) for every row of a local file, streamed; `where` is 'file line N' for JSON lines, else
+    'file row N'."""
+    _, builder = check_file(path)
     if builder == "text":
         raise DataError(f"{path}: plain text has no fields; task formats need .jsonl, .json, .csv or .parquet")
-    if builder == "json":
-        text = p.read_text()
-        if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON: {e}") from None
-            for i, row in enumerate(rows, 1):
-                yield f"{path} row {i}", row
-            return
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: not valid JSON: {e}") from None
-            yield f"{path} line {n}", row
-        return
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot be read as {builder}: {type(e).__name__}: {e}") from None
-    for i, row in enumerate(ds, 1):
-        yield f"{path} row {i}", row
+    for n, row in file_rows(path):
+        yield where(path, n), row
 
 
 def _text_field(row: dict, name: str, problems: list[str], where: str, optional: bool = False) -> str | None:
@@ -138,64 +139,57 @@ def chat_row(row: Any, cfg: DataSection, where: str, problems: list[str]) -> dic
     return {"messages": json.dumps(out[:last + 1], ensure_ascii=False)}
 
 
-def _validated(rows: Iterator[tuple[str, Any]], cfg: DataSection, what: str) -> Any:
-    """Validate every row; one DataError lists the first problems and counts all. Returns a Dataset of the
-    canonical columns (prompt/completion or messages) plus `source` and `row` for later messages."""
-    check = chat_row if cfg.format == "chat" else prompt_completion_row
+def report_problems(fmt: str, problems: list[str], what: str) -> None:
+    """One DataError listing the first MAX_LISTED problems of `what` and counting all of them."""
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise DataError(f"{what}: {len(problems)} bad row(s) for data.format={fmt}:\n  "
+                    + "\n  ".join(problems[:MAX_LISTED]) + more)
+
+
+def task_row(cfg: DataSection, row: Any, path: str, where: str, problems: list[str]) -> dict[str, str] | None:
+    """The canonical row (prompt/completion or messages) of one raw row, with `source` (where it is)."""
+    canon = (chat_row if cfg.format == "chat" else prompt_completion_row)(row, cfg, where, problems)
+    return None if canon is None else {**canon, "source": where}
+
+
+def check_task_file(path: str, cfg: DataSection) -> Sample:
+    """Validate the first SAMPLE_ROWS rows of a task file on the driver, every problem listed at once (the
+    cluster validates every row as it reads them); the sample."""
+    _, builder = check_file(path)
+    if builder == "text":
+        raise DataError(f"{path}: plain text has no fields; task formats need .jsonl, .json, .csv or .parquet")
+    checked = sample(path)
     problems: list[str] = []
-    cols: dict[str, list] = {}
-    for where, row in rows:
-        canon = check(row, cfg, where, problems)
-        if canon is not None:
-            for k, v in {**canon, "source": where}.items():
-                cols.setdefault(k, []).append(v)
+    for n, row in checked.rows:
+        task_row(cfg, row, path, where(path, n), problems)
     if problems:
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{what}: {len(problems)} bad row(s) for data.format={cfg.format}:\n  "
-                        + "\n  ".join(problems[:MAX_LISTED]) + more)
-    if not cols:
-        raise DataError(f"{what}: no rows")
-    return datasets.Dataset.from_dict(cols)
+        report_problems(cfg.format, problems, path)
+    if not checked.rows:
+        raise DataError(f"{path}: no rows")
+    return checked
 
 
 def load_task_splits(cfg: DataSection) -> Splits:
-    """Validated train/validation/test examples of a task format, from files or a hub dataset."""
-    if cfg.source == "embedded":
-        files = {s: [p] for s, p in ensure_embedded_corpus(cfg).items()}
-    elif cfg.source == "files":
-        files = {"train": cfg.train_files, "validation": cfg.validation_files, "test": cfg.test_files}
-    else:
-        try:
-            dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
-        except Exception as e:
-            raise DataError(f"data.hub_name={cfg.hub_name!r}: cannot load: {type(e).__name__}: {e}") from None
-        where = f"dataset {cfg.hub_name!r}"
-        if "train" not in dd:
-            raise DataError(f"{where}: has no 'train' split (splits: {list(dd)})")
-        parts = {s: _validated(((f"{where}[{s}] row {i}", r) for i, r in enumerate(dd[s], 1)), cfg, f"{where}[{s}]")
-                 for s in SPLITS if s in dd}
-        if len(parts) < 3:
-            parts = dict(zip(SPLITS, carve(parts["train"], cfg.split_ratios, cfg.split_seed, where), strict=True))
-        return Splits(**parts, origin={s: f"{where}[{s}]" for s in SPLITS})
-
-    def load(paths: list[str]) -> Any:
-        return datasets.concatenate_datasets([_validated(read_rows(p), cfg, p) for p in paths])
-
-    origin = {s: ", ".join(files[s]) if files[s] else f"carved from {', '.join(files['train'])}" for s in SPLITS}
-    train = load(files["train"])
-    if files["validation"]:
-        return Splits(train, load(files["validation"]), load(files["test"]), origin)
-    return Splits(*carve(train, cfg.split_ratios, cfg.split_seed, origin["train"]), origin=origin)
+    """Train/validation/test examples of a task format from the embedded task, files or a hub dataset: every
+    file checked on the driver (a sample of its rows), none read; see `aigc.data.load_splits`."""
+    files, _ = data_files(cfg)
+    samples = {p: check_task_file(p, cfg) for s in SPLITS for p in files[s]}
+    columns = ("messages", "source") if cfg.format == "chat" else ("prompt", "completion", "source")
+    source = SplitSource((), functools.partial(task_row, cfg), columns,
+                         report=functools.partial(report_problems, cfg.format))
+    return file_splits(files, source, cfg.split_ratios, cfg.split_seed, samples)
 
 
-def training_texts(ds: Any) -> Iterator[str]:
-    """The text of examples, to train the embedded tokenizer on (role markers as the default template writes)."""
-    if "messages" in ds.column_names:
-        for m in ds["messages"]:
-            yield "".join(f"{x['role'].capitalize()}: {x['content']}\n" for x in json.loads(m))
-    else:
-        for p, c in zip(ds["prompt"], ds["completion"], strict=True):
-            yield p + c
+def training_texts(split: Any) -> Iterator[str]:
+    """The text of a split's rows, streamed, to train the embedded tokenizer on (task examples with the role
+    markers the default template writes)."""
+    for row in split.rows():
+        if "text" in row:
+            yield row["text"]
+        elif "messages" in row:
+            yield "".join(f"{x['role'].capitalize()}: {x['content']}\n" for x in json.loads(row["messages"]))
+        else:
+            yield row["prompt"] + row["completion"]
 
 
 # ---------------------------------------------------------------------------- tokenise, mask, truncate
@@ -302,10 +296,12 @@ def pad_id(tokenizer: Any) -> int:
 # ---------------------------------------------------------------------------------------- pack or pad
 
 
-def pack_examples(ids: list[np.ndarray], labels: list[np.ndarray], block_size: int, pad: int) -> dict[str, np.ndarray]:
-    """First-fit-decreasing packing of whole examples into `block_size` blocks, without cross-talk: position
-    ids restart at 0 for every example (and for the padding at a block's end, its own segment), which
-    transformers turns into a block-diagonal causal mask; padding has label -100."""
+def pack_examples(ids: list[np.ndarray], labels: list[np.ndarray], block_size: int, pad: int,
+                  dtype: Any = np.int32) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing of whole examples into `block_size` blocks of compact rows, without
+    cross-talk: each example's first token (and the padding at a block's end, its own segment) carries START,
+    so `aigc.data.model_inputs` restarts position ids there, which transformers turns into a block-diagonal
+    causal mask; tokens whose label is not -100 carry LOSS; padding carries neither."""
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     bins: list[list[int]] = []
     free: list[int] = []
@@ -317,74 +313,120 @@ def pack_examples(ids: list[np.ndarray], labels: list[np.ndarray], block_size: i
             b = len(bins) - 1
         bins[b].append(i)
         free[b] -= len(ids[i])
-    shape = (len(bins), block_size)
-    out = {"input_ids": np.full(shape, pad, dtype=np.int64), "labels": np.full(shape, -100, dtype=np.int64),
-           "position_ids": np.zeros(shape, dtype=np.int64), "n_tokens": np.zeros(len(bins), dtype=np.int64),
-           "n_loss": np.zeros(len(bins), dtype=np.int64)}
+    bits = FLAG_BITS[PACKED]
+    values = np.full((len(bins), block_size), pad << bits, dtype=np.int64)
+    n_tokens, n_loss = np.zeros(len(bins), dtype=np.int32), np.zeros(len(bins), dtype=np.int32)
     for b, members in enumerate(bins):
         at = 0
         for i in members:
             n = len(ids[i])
-            out["input_ids"][b, at:at + n] = ids[i]
-            out["labels"][b, at:at + n] = labels[i]
-            out["position_ids"][b, at:at + n] = np.arange(n)
+            values[b, at:at + n] = flagged(ids[i], labels[i], bits)
+            n_loss[b] += int((np.asarray(labels[i]) != -100).sum())
             at += n
-        out["position_ids"][b, at:] = np.arange(block_size - at)
-        out["n_tokens"][b] = at
-        out["n_loss"][b] = int((out["labels"][b] != -100).sum())
-    return out
+        if at < block_size:
+            values[b, at] |= START
+        n_tokens[b] = at
+    return {"ids": values.astype(dtype), "n_tokens": n_tokens, "n_loss": n_loss,
+            "layout": np.full(len(bins), PACKED, dtype=np.uint8)}
 
 
-def make_blocker(block_size: int, packing: bool, pad: int) -> Callable[[dict], dict]:
-    """Ray Data map 2: kept examples -> packed blocks, or one right-padded example per row with its
-    attention mask (`aigc.data.train_batches` buckets rows by length and trims each batch to its longest)."""
+def flagged(ids: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
+    """One example's stored values: id << bits | LOSS where it has a label, START on its first token."""
+    flags = np.where(np.asarray(labels) != -100, LOSS, 0)
+    if len(flags):
+        flags[0] |= START
+    return (np.asarray(ids, dtype=np.int64) << bits) | flags
+
+
+def make_blocker(block_size: int, packing: bool, pad: int, dtype: Any = np.int32) -> Callable[[dict], dict]:
+    """Kept examples (of `make_encoder`) -> packed blocks, or one right-padded example per row whose attention
+    mask `model_inputs` builds from its length (`aigc.data.train_batches` buckets rows by length and trims each
+    batch to its longest); compact rows either way."""
 
     def block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.isin(batch["status"], (OK, TRUNCATED))
         ids, labels, length = batch["input_ids"][keep], batch["labels"][keep], batch["length"][keep]
         if packing:
             return pack_examples([r[:n] for r, n in zip(ids, length, strict=True)],
-                                 [r[:n] for r, n in zip(labels, length, strict=True)], block_size, pad)
-        mask = (np.arange(block_size)[None, :] < length[:, None]).astype(np.int64)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": length,
-                "n_loss": batch["n_loss"][keep]}
+                                 [r[:n] for r, n in zip(labels, length, strict=True)], block_size, pad, dtype)
+        # padding holds the pad id and no flag; START is not needed (each row is one example)
+        values = (ids.astype(np.int64) << FLAG_BITS[PADDED]) | np.where(labels != -100, LOSS, 0)
+        return {"ids": values.astype(dtype), "n_tokens": length.astype(np.int32),
+                "n_loss": batch["n_loss"][keep].astype(np.int32), "layout": np.full(len(ids), PADDED, dtype=np.uint8)}
 
     return block
 
 
-def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = 1000) -> PackedData:
-    """Render, tokenise, mask and truncate every example (Ray Data map 1); stop on rows that cannot be used;
-    count what was dropped; then pack or pad (map 2). Everything materialised before any Train worker."""
+COUNTS = ("ok", "truncated", "too_long", "no_loss")  # per-batch status counts, riding on the first row
+
+
+def make_task_packer(tokenizer: Any, cfg: DataSection) -> Callable[[dict], dict]:
+    """The Ray Data map of task rows: render, tokenise, mask and truncate (`make_encoder`); stop on rows that
+    cannot be used, naming them; pack or pad what is kept (`make_blocker`). Status counts (and PII counts)
+    ride on the first row; a batch that keeps nothing emits one empty row (n_tokens 0) to carry them, which
+    `task_blocks` removes."""
     encode = make_encoder(tokenizer, cfg)
-    block = make_blocker(cfg.block_size, cfg.packing, pad_id(tokenizer))
-    counted = ["status", "length", "n_loss", "source", "error", *(f"pii_{k}" for k in PII_KINDS)]
+    pad = pad_id(tokenizer)
+    block = make_blocker(cfg.block_size, cfg.packing, pad, token_dtype(len(tokenizer), FLAG_BITS[PACKED]))
+
+    def pack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        enc = encode(batch)
+        status = enc["status"]
+        fatal = (status == RENDER_ERROR) | ((status == TOO_LONG) & (cfg.truncation == "error"))
+        bad = [enc["source"][i] + ": " + (enc["error"][i] or f"longer than data.block_size={cfg.block_size} "
+                                          "tokens (data.truncation=error; drop or truncate_prompt_left)")
+               for i in np.flatnonzero(fatal)[:MAX_LISTED]]
+        if bad:
+            raise DataError("\n  ".join(bad))
+        out = block(enc)
+        if not len(out["ids"]) and len(status):
+            out = {k: np.zeros((1, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
+            out["ids"][:] = pad << FLAG_BITS[PACKED]
+            out["layout"][:] = PACKED if cfg.packing else PADDED
+        by_status = np.bincount(status, minlength=5)
+        counts = dict(zip(COUNTS, (by_status[OK], by_status[TRUNCATED], by_status[TOO_LONG], by_status[NO_LOSS]),
+                          strict=True))
+        counts.update({f"pii_{k}": int(enc[f"pii_{k}"].sum()) for k in PII_KINDS if cfg.scrub_pii})
+        for name, value in counts.items():
+            col = np.zeros(len(out["ids"]), dtype=np.int32)
+            if len(col):
+                col[0] = value
+            out[f"n_{name}" if name in COUNTS else name] = col
+        return out
+
+    return pack
+
+
+def _drop_carriers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch["n_tokens"] > 0
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch: int = BLOCK_ROWS) -> PackedData:
+    """Read, validate, render, tokenise, mask, truncate and pack (or pad) every split in Ray Data tasks
+    (`make_task_packer`), materialise the compact rows, and count them; rows that cannot be used stop the
+    run, named, before any Train worker starts."""
+    ordered()
+    pack = make_task_packer(tokenizer, cfg)
+    counted = ["n_tokens", "n_loss", *(f"n_{c}" for c in COUNTS), *(f"pii_{k}" for k in PII_KINDS if cfg.scrub_pii)]
     packed = PackedData({}, {}, {}, dict.fromkeys(PII_KINDS, 0))
     for name in SPLITS:
-        examples = to_ray(splits[name], docs_per_batch).map_batches(encode, batch_size=None, batch_format="numpy")
-        examples = examples.materialize()
-        status_counts, bad = np.zeros(5, dtype=np.int64), []
-        for b in examples.select_columns(counted).iter_batches(batch_size=None, batch_format="numpy"):
-            status_counts += np.bincount(b["status"], minlength=5)
-            for k in PII_KINDS:
-                packed.pii[k] += int(b[f"pii_{k}"].sum())
-            fatal = (b["status"] == RENDER_ERROR) | ((b["status"] == TOO_LONG) & (cfg.truncation == "error"))
-            for i in np.flatnonzero(fatal)[:MAX_LISTED - len(bad)]:
-                bad.append(b["source"][i] + ": " + (b["error"][i] or f"longer than data.block_size={cfg.block_size} "
-                                                    "tokens (data.truncation=error; drop or truncate_prompt_left)"))
-        if bad:
-            raise DataError(f"{splits.origin.get(name, name)}: split {name!r}:\n  " + "\n  ".join(bad))
-        ds = examples.map_batches(block, batch_size=None, batch_format="numpy").materialize()
-        sums = {"n_tokens": 0, "n_loss": 0}
-        for b in ds.select_columns(list(sums)).iter_batches(batch_size=None, batch_format="numpy"):
-            for c in sums:
-                sums[c] += int(b[c].sum())
+        origin = splits.origin.get(name, name)
+        try:
+            ds = materialize(splits[name].dataset(docs_per_batch).map_batches(pack, batch_size=None,
+                                                                              batch_format="numpy"))
+        except DataError as e:
+            raise DataError(f"{origin}: split {name!r}:\n  {e}") from None
+        sums = column_sums(ds, counted)
+        if sums["empty_rows"]:  # a batch kept nothing: drop the row that carried its counts
+            ds = materialize(ds.map_batches(_drop_carriers, batch_size=None, batch_format="numpy"))
         packed.datasets[name], packed.blocks[name], packed.tokens[name] = ds, ds.count(), sums["n_tokens"]
-        packed.loss_tokens[name] = sums["n_loss"]
-        packed.examples[name] = {"kept": int(status_counts[OK] + status_counts[TRUNCATED]),
-                                 "prompt_truncated": int(status_counts[TRUNCATED]),
-                                 "dropped_too_long": int(status_counts[TOO_LONG]),
-                                 "dropped_no_loss": int(status_counts[NO_LOSS])}
+        packed.loss_tokens[name], packed.bytes[name] = sums["n_loss"], ds.size_bytes()
+        for k in PII_KINDS:
+            packed.pii[k] += sums.get(f"pii_{k}", 0)
+        packed.examples[name] = {"kept": sums["n_ok"] + sums["n_truncated"], "prompt_truncated": sums["n_truncated"],
+                                 "dropped_too_long": sums["n_too_long"], "dropped_no_loss": sums["n_no_loss"]}
         if sums["n_loss"] == 0:
-            raise DataError(f"{splits.origin.get(name, name)}: split {name!r} has no example left to learn or "
-                            f"evaluate on ({packed.examples[name]})")
+            raise DataError(f"{origin}: split {name!r} has no example left to learn or evaluate on "
+                            f"({packed.examples[name]})")
     return packed

@@ -43,7 +43,7 @@ def corpus_model(tmp_path_factory):
 
     def blocks(texts):
         ids = tok(texts, add_special_tokens=False)["input_ids"]
-        return torch.from_numpy(pack_ids(ids, tok.eos_token_id, BLOCK)["input_ids"])
+        return torch.from_numpy(pack_ids(ids, tok.eos_token_id, BLOCK, "int64")["ids"])
 
     return {"base": str(base), "train": blocks(docs[:5000]), "val": blocks(docs[5000:])[:64]}
 

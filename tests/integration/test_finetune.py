@@ -164,14 +164,18 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
 
 
 def test_ray_data_packing_counts_what_the_packer_makes(ray_local, tmp_path):
-    """The distributed tokenise+pack (several blocks, parallel tasks) and its counts equal one driver-side pack."""
+    """The distributed read+tokenise+pack (several blocks, parallel tasks) keeps every document once, scrubbed,
+    in compact rows (at most 4 bytes a token), and counts what it made; a bad row beyond the driver's sample
+    stops it, named."""
     import json
 
     import numpy as np
 
     from aigc.config import DataSection
-    from aigc.data import load_splits, make_packer, to_ray_blocks
+    from aigc.data import DataError, load_splits, to_ray_blocks
     from aigc.modeling import train_tokenizer
+    from aigc.pii import scrub_batch
+    from aigc.splits import SAMPLE_ROWS
 
     docs = [f"note {i}: write to user{i}@example.com about order {i * 7}." for i in range(300)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -179,11 +183,22 @@ def test_ray_data_packing_counts_what_the_packer_makes(ray_local, tmp_path):
                      block_size=32, scrub_pii=True)
     splits = load_splits(cfg)
     tok = train_tokenizer(docs, vocab_size=300)
-    packed = to_ray_blocks(splits, tok, cfg, docs_per_batch=50)  # 240 train documents: 5 map tasks
-    pack = make_packer(tok, cfg.block_size, cfg.scrub_pii)
+    packed = to_ray_blocks(splits, tok, cfg, docs_per_batch=50)  # 300 documents: 6 map tasks
+    assert packed.datasets["train"].num_blocks() > 1
     for name in ("train", "validation", "test"):
-        chunks = [pack({"text": np.array(splits[name]["text"][i:i + 50], dtype=object)})
-                  for i in range(0, len(splits[name]), 50)]
-        assert packed.blocks[name] == sum(len(c["input_ids"]) for c in chunks) == packed.datasets[name].count()
-        assert packed.tokens[name] == sum(int(c["n_tokens"].sum()) for c in chunks)
-    assert packed.pii == {"email": 300, "phone": 0, "card": 0, "national_id": 0}
+        rows = list(packed.datasets[name].iter_rows())
+        assert packed.blocks[name] == len(rows) and packed.tokens[name] == sum(int(r["n_tokens"]) for r in rows)
+        assert packed.bytes[name] / packed.tokens[name] <= 4 and rows[0]["ids"].dtype == np.uint16
+        text = tok.decode([t for r in rows for t in r["ids"][:r["n_tokens"]].tolist()])
+        got = [d for d in text.split(tok.eos_token) if d]
+        want, _ = scrub_batch([r["text"] for r in splits[name].rows()])
+        assert sorted(got) == sorted(want)  # every document once, scrubbed, whatever the blocks
+    assert sum(packed.blocks.values()) and packed.pii == {"email": 300, "phone": 0, "card": 0, "national_id": 0}
+
+    bad = [{"text": f"doc {i}"} for i in range(SAMPLE_ROWS + 50)]
+    bad[SAMPLE_ROWS + 20] = {"text": 7}
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    cfg = DataSection(source="files", train_files=[str(tmp_path / "bad.jsonl")], block_size=32,
+                     validation_files=[str(tmp_path / "d.jsonl")], test_files=[str(tmp_path / "d.jsonl")])
+    with pytest.raises(DataError, match=rf"bad.jsonl: column 'text' holds int, not text, in .*line {SAMPLE_ROWS + 21}"):
+        to_ray_blocks(load_splits(cfg), tok, cfg)

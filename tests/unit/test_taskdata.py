@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aigc.config import DataSection
-from aigc.data import DataError, load_splits, model_inputs
+from aigc.data import DataError, expand, load_splits, model_inputs
 from aigc.modeling import EOS, train_tokenizer
 from aigc.taskdata import (
     NO_LOSS,
@@ -20,6 +20,7 @@ from aigc.taskdata import (
     fit_example,
     make_blocker,
     make_encoder,
+    make_task_packer,
     pack_examples,
 )
 from aigc.template import (
@@ -190,13 +191,13 @@ def test_packed_block_loss_equals_examples_one_at_a_time(attn):
         labels[: n // 2] = -100  # a prompt
         examples.append((ids, labels))
     block = pack_examples([e[0] for e in examples], [e[1] for e in examples], block_size=24, pad=0)
-    assert len(block["input_ids"]) < len(examples)  # several examples share a block
+    assert len(block["ids"]) < len(examples)  # several examples share a block
     model = gpt2(50)
     model.set_attn_implementation(attn)
     with torch.no_grad():
-        batch = {k: torch.from_numpy(v) for k, v in block.items()}
+        batch = model_inputs({k: torch.from_numpy(v) for k, v in block.items()}, "cpu")
         n_packed = int((batch["labels"][:, 1:] != -100).sum())
-        packed = float(model(**model_inputs(batch, "cpu")).loss) * n_packed
+        packed = float(model(**batch).loss) * n_packed
         alone, n_alone = 0.0, 0
         for ids, labels in examples:
             lab = torch.from_numpy(labels)[None]
@@ -207,17 +208,20 @@ def test_packed_block_loss_equals_examples_one_at_a_time(attn):
     assert packed / n_packed == pytest.approx(alone / n_alone, abs=1e-4)
     # and the check has teeth: with a KV cache (the config default) the examples would see each other
     with torch.no_grad():
-        leaky = float(model(**{**model_inputs(batch, "cpu"), "use_cache": True}).loss) * n_packed
+        leaky = float(model(**{**batch, "use_cache": True}).loss) * n_packed
     assert abs(leaky / n_packed - alone / n_alone) > 1e-3
 
 
 def test_pack_examples_resets_positions_and_masks_padding():
-    out = pack_examples([np.array([5, 6, 7]), np.array([8, 9])], [np.array([-100, 6, 7]), np.array([-100, 9])],
-                        block_size=8, pad=0)
-    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    assert out["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
-    assert out["n_tokens"].tolist() == [5] and out["n_loss"].tolist() == [3]
+    block = pack_examples([np.array([5, 6, 7]), np.array([8, 9])], [np.array([-100, 6, 7]), np.array([-100, 9])],
+                          block_size=8, pad=0)
+    assert set(block) == {"ids", "n_tokens", "n_loss", "layout"}  # one integer a token, nothing else per token
+    out = {k: v.tolist() for k, v in expand({k: torch.from_numpy(v) for k, v in block.items()}).items()}
+    out["n_loss"] = block["n_loss"]
+    assert out["input_ids"] == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert out["position_ids"] == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert out["labels"] == [[-100, 6, 7, -100, 9, -100, -100, -100]]
+    assert out["n_tokens"] == [5] and out["n_loss"].tolist() == [3]
 
 
 def test_unpacked_rows_are_trimmed_to_the_longest_in_the_batch(tok):
@@ -270,13 +274,13 @@ def test_every_bad_row_is_counted_in_one_error(tmp_path):
 def test_extra_columns_are_ignored_and_alpaca_columns_map(tmp_path):
     rows = [{"messages": CHATS[0], "brief": {"product": "shoes"}, "nats": 12.5}] * 20
     s = load_splits(DataSection(source="files", train_files=[write(tmp_path / "c.jsonl", rows)], format="chat"))
-    assert set(s.train.column_names) == {"messages", "source"} and len(s.train) + len(s.validation) + len(s.test) == 20
-    assert json.loads(s.train["messages"][0]) == CHATS[0]
+    assert set(s.train.columns) == {"messages", "source"} and len(s.train) + len(s.validation) + len(s.test) == 20
+    assert json.loads(s.train.to_list()[0]["messages"]) == CHATS[0]
     alpaca = [{"instruction": "Write an ad", "input": "for tea" if i % 2 else "", "output": "Sip."} for i in range(20)]
     s = load_splits(DataSection(source="files", train_files=[write(tmp_path / "a.jsonl", alpaca)],
                                format="prompt_completion", prompt_column="instruction", input_column="input",
                                completion_column="output", prompt_suffix="\n", split_ratios=(1.0, 0.0, 0.0)))
-    assert sorted(set(s.train["prompt"])) == ["Write an ad\n", "Write an ad\n\nfor tea\n"]
+    assert sorted({r["prompt"] for r in s.train.rows()}) == ["Write an ad\n", "Write an ad\n\nfor tea\n"]
 
 
 def test_plain_text_files_cannot_hold_task_rows(tmp_path):
@@ -307,9 +311,40 @@ def test_the_readme_examples_load_and_mask(tmp_path, tok):
         s = load_splits(DataSection(source="files", format=fmt, train_files=[str(f)], validation_files=[str(f)],
                                    test_files=[str(f)]))
         assert len(s.train) == 5
-        for row in s.train:
+        for row in s.train.rows():
             _, labels, status = labelled(tok, row, fmt, block_size=256)
             assert status == OK
             want = ([m["content"] for m in json.loads(row["messages"]) if m["role"] == "assistant"] if fmt == "chat"
                     else [row["completion"]])
             assert loss_text(tok, labels) == "".join(w + EOS for w in want)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_cluster_map_keeps_one_compact_integer_a_token_and_its_loss_decodes_to_the_completions(tok, packing):
+    """The Ray Data map of task rows stores flagged uint16 ids (the 320-token vocabulary fits with 2 flag bits);
+    the labels `model_inputs` builds from them are exactly the completions and their EOS."""
+    cfg = cfg_for("prompt_completion", block_size=64, packing=packing, scrub_pii=True)
+    rows = {"prompt": np.array([p for p, _ in PAIRS], dtype=object),
+            "completion": np.array([c for _, c in PAIRS], dtype=object),
+            "source": np.array(["f line 1", "f line 2", "f line 3"], dtype=object)}
+    out = make_task_packer(tok, cfg)(rows)
+    assert out["ids"].dtype == np.uint16 and out["ids"].ndim == 2
+    assert (out["n_ok"].sum(), out["n_too_long"].sum(), out["pii_email"].sum()) == (3, 0, 0)
+    per_token = out["ids"].itemsize + sum(v.itemsize for k, v in out.items() if k != "ids") / out["ids"].shape[1]
+    assert per_token <= 4
+    batch = model_inputs({k: torch.from_numpy(v) for k, v in out.items()}, "cpu")
+    assert ("position_ids" in batch) == packing and ("attention_mask" in batch) != packing
+    got = [loss_text(tok, row.tolist()) for row in batch["labels"]]
+    want = [c + EOS for _, c in PAIRS]
+    assert sorted(got) == sorted(want) if not packing else "".join(got) == "".join(sorted(want, key=len, reverse=True))
+    assert int(out["n_loss"].sum()) == int((batch["labels"] != -100).sum())
+
+
+def test_a_row_that_cannot_be_used_stops_the_cluster_map_naming_it(tok):
+    cfg = cfg_for("prompt_completion", block_size=16)
+    rows = {"prompt": np.array(["Brief: " + "very long brief " * 20, "p"], dtype=object),
+            "completion": np.array([" ad.", " ad."], dtype=object), "source": np.array(["f line 4", "f line 5"], dtype=object)}
+    with pytest.raises(DataError, match="f line 4: longer than data.block_size=16"):
+        make_task_packer(tok, cfg)(rows)
+    dropped = make_task_packer(tok, cfg_for("prompt_completion", block_size=16, truncation="drop"))(rows)
+    assert dropped["n_too_long"].sum() == 1 and dropped["n_ok"].sum() == 1
