@@ -224,6 +224,8 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
                      "<th>winner</th></tr>" + "".join(f"<tr><td class='l'>{e(label)}</td><td>{e(b)}</td><td>{e(a)}</td></tr>"
                                                       for label, b, a in rows_ev) + "</table>"
                      + _examples_html(examples) + f"<p class='sub'>{e(WINNER_NOTE)}</p>")
+    tracked = ("; mlflow_run: the trial's run in the MLflow store (tracking.uri), a child of the search's run"
+               if "mlflow_run" in shown else "")
     best_cfg = ""
     if "best" in s:
         b = s["best"]
@@ -241,8 +243,7 @@ def render_html(data: SearchData, plot_paths: dict[str, Path]) -> str:
 <h2>Trials, ranked by best validation loss</h2>
 <div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>
 <p class="sub">wall_s: seconds from the trial's start to its end (or its last report); CPU/GPU-hours: wall time x
-the resources the trial held. Trial models: <code>trials/trial-&lt;id&gt;/best</code>; mlflow_run: the trial's run in
-the MLflow store (tracking.uri), a child of the search's run.</p>
+the resources the trial held. Trial models: <code>trials/trial-&lt;id&gt;/best</code>{tracked}.</p>
 <h2>Plots</h2>{''.join(figs)}
 <h2>Search space</h2><ul>{space}</ul>
 {'<h2>Errors</h2>' + ''.join(errors) if errors else ''}

@@ -152,3 +152,27 @@ def test_the_pipeline_makes_the_deployed_winner_champion(root, tmp_path, monkeyp
 
     off = build(PipelineConfig, {"search": {"storage_path": str(tmp_path / "off")}, "tracking": {"enabled": False}})
     assert mark_champion(off, str(winner)) is None and not (tmp_path / "off").exists()
+
+
+def test_the_report_links_each_tracked_trial_to_its_run(tmp_path):
+    """A trial's run id (a link when the store is a server) in the report's mlflow_run column; no column
+    when no trial was tracked."""
+    import csv
+
+    from aigc.report import render
+    from aigc.report_data import SearchData, TrialRecord
+
+    url = "http://mlflow:5000/#/experiments/1/runs/abc123"
+    history = [{"step": 10, "val_loss": 1.0, "timestamp": 110.0}]
+    trials = [TrialRecord("t1", "completed", {"lr": 0.01}, history, mlflow_run={"run_id": "abc123", "url": url}),
+              TrialRecord("t2", "completed", {"lr": 0.02}, history, mlflow_run={"run_id": "def456", "url": None})]
+    config = {"search": {"name": "s"}, "space": {"lr": {"kind": "choice", "values": [0.01, 0.02]}}}
+    files = render(SearchData(str(tmp_path), config, trials), tmp_path / "tracked")
+    page = (tmp_path / "tracked" / "report.html").read_text()
+    assert f"<a href='{url}'><code>abc123</code></a>" in page and "<td class='l'><code>def456</code></td>" in page
+    assert {r["trial_id"]: r["mlflow_run"] for r in csv.DictReader(open(files["trials.csv"]))} == \
+        {"t1": "abc123", "t2": "def456"}
+    for t in trials:
+        t.mlflow_run = None
+    render(SearchData(str(tmp_path), config, trials), tmp_path / "untracked")
+    assert "mlflow_run" not in (tmp_path / "untracked" / "report.html").read_text()
