@@ -120,3 +120,14 @@ def test_a_bad_bucket_fails_naming_the_uri_and_never_the_credentials(s3_server, 
             storage.check_writable(f"{s3_server.root}/runs")
     msg = str(e.value)
     assert msg.startswith(f"{s3_server.root}/runs: write check failed") and "ACCESS" in msg.upper(), msg
+
+
+def test_configs_take_object_store_uris_and_name_the_package_a_scheme_needs():
+    from aigc.config import ConfigError, FinetuneConfig, load_config
+    from aigc.search_config import SearchConfig
+
+    assert load_config(FinetuneConfig, None, ["run.storage_path=s3://b/runs?region=eu-west-1"]).run.storage_path
+    assert load_config(SearchConfig, None, ["search.storage_path=gs://b/searches"]).search.storage_path
+    with pytest.raises(ConfigError, match=r"run.storage_path: abfs://c/p: no filesystem for the abfs:// scheme "
+                                          r"\(install adlfs\)"):
+        load_config(FinetuneConfig, None, ["run.storage_path=abfs://c/p"])
