@@ -122,3 +122,39 @@ def embedded_base(tmp_path_factory):
         if started:
             ray.shutdown()
     return EmbeddedBase(path, overrides)
+
+
+class S3Server(NamedTuple):
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    root: str  # s3://<bucket>: the endpoint and credentials come from the AWS environment the fixture sets
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto's threaded server) on a loopback port with one bucket, and the standard
+    AWS environment pointing at it, set before any Ray cluster starts so Train workers and Serve replicas get it.
+    (Ray's own storage tests use this server; MinIO is not installable here.)"""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "aigc-test-key-id",
+           "AWS_SECRET_ACCESS_KEY": "aigc-test-secret-value", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="aigc")
+    yield S3Server(endpoint, "aigc", "s3://aigc")
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aigc.storage import scheme_problem
+
 
 class ConfigError(ValueError):
     """A configuration is invalid; `problems` lists every problem as 'full.key: message'."""
@@ -336,7 +338,9 @@ class RunSection(Strict):
         description="the run's folder under storage_path; the same name resumes from its latest checkpoint",
     )
     storage_path: str = Field(
-        "~/aigc/runs", description="local folder; on a multi-node cluster a folder every node shares (EFS/NFS)"
+        "~/aigc/runs", description="a local folder, or on a multi-node cluster an object store URI (s3://bucket/path, "
+        "gs://...; endpoint and credentials from the AWS environment or the URI's query: aigc.storage) or a folder "
+        "every node shares (EFS/NFS)"
     )
     torch_extensions_dir: str = Field(
         "~/.cache/aigc/torch_extensions", description="where DeepSpeed caches compiled ops (first build ~25 s)"
@@ -426,9 +430,8 @@ class FinetuneConfig(Strict):
                            "folder every node shares")
         if o.warmup_steps >= o.max_steps:
             out.append(f"optim.warmup_steps: must be below optim.max_steps ({o.warmup_steps} >= {o.max_steps})")
-        if "://" in self.run.storage_path:
-            out.append(f"run.storage_path: object-store URIs ({self.run.storage_path}) are not supported yet: model "
-                       "directories are written with file APIs; use a folder every node shares (e.g. /mnt/shared)")
+        if problem := scheme_problem(self.run.storage_path):
+            out.append(f"run.storage_path: {problem}")
         if self.eval.every_steps > o.max_steps:
             out.append(f"eval.every_steps: {self.eval.every_steps} > optim.max_steps={o.max_steps}: nothing would be validated")
         if z.stage == 0 and o.precision == "fp16":

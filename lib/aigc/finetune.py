@@ -6,9 +6,11 @@ the driver before a Train worker starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from aigc import console, tracking
+from aigc import console, storage, tracking
 from aigc.comparison import comparison_rows, example_lines
 from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
 from aigc.corpus import ensure_embedded_corpus
@@ -58,6 +60,9 @@ class FinetuneResult:
     evaluation: dict[str, Any] = field(default_factory=dict)  # {"base": {...}, "finetuned": {...}}
     data: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
+    # an object-store run: where it is stored (best/ and final/ published under it); run_dir, best_dir and
+    # final_dir are then the driver's local copies
+    location: str | None = None
 
 
 def init_ray(address: str | None = None) -> None:
@@ -100,7 +105,10 @@ class TrackReports(UserCallback):
 def start_tracking(cfg: FinetuneConfig, run_dir: Path) -> tracking.TrackedRun | None:
     """The run's MLflow run with its config as params (the same MLflow run when the run resumes); None when
     `tracking.enabled` is false."""
-    tracker = tracking.open_tracker(cfg.tracking, cfg.run.storage_path)
+    # an object-store run's default SQLite store lives beside its staging folder (SQLite needs a file system):
+    # set tracking.uri to a server for one store that outlives the driver's machine
+    root = run_dir.parent if storage.is_uri(cfg.run.storage_path) else cfg.run.storage_path
+    tracker = tracking.open_tracker(cfg.tracking, root)
     if tracker is None:
         return None
     return tracker.start_run(cfg.run.name, params=cfg.model_dump(mode="json"), tags={tracking.KIND_TAG: "finetune"},
@@ -125,8 +133,48 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_json_lines(Path(run_dir) / METRICS_LOG)
 
 
+# The driver's local copy of an object-store run's own files (config, metrics log, summary, base, best): written
+# here, published to the bucket (aigc.storage); Ray Train writes its checkpoints to the bucket itself.
+STAGING = "~/.cache/aigc/staging"
+# what a resumed object-store run reads back into its staging folder (not the checkpoints: Train reads those)
+RUN_FILES = (RUN_CONFIG, METRICS_LOG, SUMMARY, TRACKING_RECORD, BASE_DIR)
+
+
+def run_location(cfg: FinetuneConfig) -> str:
+    """Where the run is stored: `<run.storage_path>/<run.name>`, a local folder or an object-store URI."""
+    return storage.join(expand(cfg.run.storage_path), cfg.run.name)
+
+
 def run_dir_of(cfg: FinetuneConfig) -> Path:
-    return Path(expand(cfg.run.storage_path)) / cfg.run.name
+    """The run's local folder: the run folder itself, or for an object-store run the driver's staging copy
+    (keyed by the location, so two buckets' runs of one name stay apart)."""
+    loc = run_location(cfg)
+    if not storage.is_uri(loc):
+        return Path(loc)
+    return Path(expand(STAGING)) / hashlib.sha256(loc.encode()).hexdigest()[:12] / cfg.run.name
+
+
+def pull_run_files(loc: str, run_dir: Path) -> None:
+    """An object-store run's own files into a fresh staging folder, so a resumed run continues its metrics log,
+    base model and tracked run wherever its driver runs now."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for name in set(RUN_FILES) & set(storage.listdir(loc)):
+        if name == BASE_DIR:
+            storage.fetch_dir(storage.join(loc, name), run_dir / name, verify=verify_model_dir)
+        else:
+            storage.write_bytes(run_dir / name, storage.read_bytes(storage.join(loc, name)))
+
+
+def push_run_files(loc: str, run_dir: Path) -> None:
+    """The staging folder's own files to the object store (a model directory published whole, marker last)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            if not storage.exists(storage.join(loc, name, storage.MARKER)):
+                storage.publish_dir(path, storage.join(loc, name))
+        elif path.is_file():
+            storage.write_bytes(storage.join(loc, name), path.read_bytes())
 
 
 def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
@@ -204,8 +252,15 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, 
 
 
 def _export_task(checkpoint: Any, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
+    """Export on whichever node the task runs: into `out_dir`, or for an object-store URI into a temp folder that
+    is then published there (visible once complete)."""
     with checkpoint.as_directory() as d:
-        return export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra)
+        if not storage.is_uri(out_dir):
+            return export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model")
+            export_checkpoint(d, local, config, metrics, source_checkpoint=checkpoint.path, **extra)
+            return storage.publish_dir(local, out_dir)
 
 
 def _read_docs(path: str, limit: int = 1000) -> list[dict[str, Any]] | None:
@@ -266,10 +321,16 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     `prepared` lets a search share one base model and one packed dataset across all its trials.
     """
     console.setup()
-    run_dir = run_dir_of(cfg)
+    run_dir, loc = run_dir_of(cfg), run_location(cfg)
+    remote = storage.is_uri(loc)
+    if remote:
+        storage.check_writable(loc)  # a missing or unauthorised bucket fails here, before any worker starts
+        pull_run_files(loc, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG).write_text(to_yaml(cfg))
     prepared = prepared or prepare(cfg, run_dir)
+    if remote:
+        push_run_files(loc, run_dir)  # the config and the base before training, as a local run has them
     init_ray()
     tracked = start_tracking(cfg, run_dir)
     base, packed = prepared.base, prepared.packed
@@ -288,7 +349,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             logging_config=console.train_logging(),
-            callbacks=[*([ReportLog(str(run_dir / METRICS_LOG))] if "://" not in cfg.run.storage_path else []),
+            callbacks=[ReportLog(str(run_dir / METRICS_LOG)),
                        *([TrackReports(tracked)] if tracked else []), *(callbacks or [])],
         ),
         datasets=shard_datasets(packed, sc.num_workers),
@@ -304,15 +365,21 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     cfg_dict = cfg.model_dump(mode="json")
     export = ray.remote(_export_task).options(**_remote_options(cfg))
     best_dir, final_dir = str(run_dir / BEST_DIR), str(run_dir / FINAL_DIR)
+    targets = {d: storage.join(loc, d) if remote else str(run_dir / d) for d in (BEST_DIR, FINAL_DIR)}
     dp_meta = {"privacy": dp.to_dict()} if dp else {}  # aigc.json: the plan beside the metrics' epsilon and delta
-    ray.get([export.remote(best_ckpt, best_dir, cfg_dict, best_metrics, role="best", run=cfg.run.name, **dp_meta),
-             export.remote(result.checkpoint, final_dir, cfg_dict, final_metrics, role="final", run=cfg.run.name,
-                           **dp_meta)])
+    ray.get([export.remote(best_ckpt, targets[BEST_DIR], cfg_dict, best_metrics, role="best", run=cfg.run.name,
+                           **dp_meta),
+             export.remote(result.checkpoint, targets[FINAL_DIR], cfg_dict, final_metrics, role="final",
+                           run=cfg.run.name, **dp_meta)])
+    if remote:  # the driver evaluates and samples its own verified copies
+        for d in (BEST_DIR, FINAL_DIR):
+            shutil.rmtree(run_dir / d, ignore_errors=True)  # a previous attempt's copy
+            storage.fetch_dir(targets[d], run_dir / d, verify=verify_model_dir)
     print(f"[aigc] exported best (step {best_metrics.get('step')}, val loss {best_metrics.get('val_loss'):.4f}) -> "
           f"{best_dir}", flush=True)
 
     out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics),
-                         data=prepared.data_info)
+                         data=prepared.data_info, location=storage.redact(loc) if remote else None)
     task = task_eval_inputs(cfg, prepared.splits)
     if cfg.run.evaluate:
         out.evaluation = evaluate_against_base(cfg, prepared, best_dir, task)
@@ -321,6 +388,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
         for s in out.samples:
             print(f"[aigc] sample: {s['prompt']!r} -> {s['completion']!r}", flush=True)
     (run_dir / SUMMARY).write_text(json.dumps(asdict(out), indent=2, default=str))
+    if remote:
+        if out.evaluation:  # recorded in best's aigc.json: published again, marker last
+            storage.publish_dir(best_dir, targets[BEST_DIR])
+        push_run_files(loc, run_dir)
     if dp:
         print(f"[aigc] model card: {best_dir} was trained with differential privacy: "
               f"({best_metrics['epsilon']:.3f}, {dp.delta:g})-DP per training example (DP-SGD, noise multiplier "
@@ -328,6 +399,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
               f"{dp.accountant} accountant)", flush=True)
     if tracked:
         finish_tracking(tracked, run_dir, out)
+        if remote:
+            push_run_files(loc, run_dir)  # its tracking record
     return out
 
 
@@ -417,5 +490,7 @@ def sample_generations(model_dir: str, n: int, max_tokens: int = 40, task: TaskE
 
 
 def clean_run(cfg: FinetuneConfig) -> None:
-    """Delete a run's folder (used to start a run of the same name from scratch)."""
+    """Delete a run's folder (used to start a run of the same name from scratch): its stored copy too."""
+    if storage.is_uri(run_location(cfg)):
+        storage.delete_dir(run_location(cfg))
     shutil.rmtree(run_dir_of(cfg), ignore_errors=True)

@@ -25,7 +25,7 @@ import ray.data
 import yaml
 from ray import tune
 
-from aigc import console, tracking, tuning
+from aigc import console, storage, tracking, tuning
 from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
 from aigc.evaluate import task_eval_inputs
 from aigc.finetune import (
@@ -266,6 +266,10 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     if problems:
         raise ConfigError(problems, "search config")
     check_algorithm(cfg)
+    if storage.is_uri(cfg.search.storage_path):  # the config takes it (fine-tunes run there); a search not yet
+        raise ConfigError([f"search.storage_path: {storage.redact(cfg.search.storage_path)}: a search on an object "
+                           "store is not supported yet (its trials' folders and report are read with file APIs); "
+                           "use a folder every node shares"], "search config")
     sdir = search_dir_of(cfg)
     resuming = check_resume(cfg, sdir)
 

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from aigc.config import ConfigError, FinetuneConfig, Strict, TrackingSection, expand
+from aigc.storage import scheme_problem
 
 
 class ParamSpec(Strict):
@@ -148,7 +149,9 @@ class SearchSection(Strict):
         "search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
         description="the search's folder under storage_path; running a search of that name again resumes it",
     )
-    storage_path: str = Field("~/aigc/searches", description="local or shared folder; the search is <path>/<name>")
+    storage_path: str = Field(
+        "~/aigc/searches", description="a local or shared folder, or an object store URI (aigc.storage); the search is "
+        "<path>/<name>")
     algorithm: Literal["random", "grid", "optuna"] = Field(
         "random", description="random sampling, every grid point, or Optuna TPE (pip install 'aigc[optuna]')"
     )
@@ -200,9 +203,8 @@ class SearchConfig(Strict):
             out.append(f"space.{lora[0]}: LoRA settings are searched but base.model.peft.method is 'none'; set "
                        "base.model.peft.method=lora")
         s, a = self.search, self.search.asha
-        if "://" in s.storage_path:
-            out.append(f"search.storage_path: the report and the winner are written to a local or shared folder, "
-                       f"got the URI {s.storage_path!r}")
+        if problem := scheme_problem(s.storage_path):
+            out.append(f"search.storage_path: {problem}")
         rounds = full_rounds(self.base)
         if a.max_t is not None and a.max_t > rounds:
             out.append(f"search.asha.max_t: {a.max_t} rounds > the {rounds} validation rounds a trial has "

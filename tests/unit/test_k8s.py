@@ -382,9 +382,7 @@ def test_runs_searches_and_the_served_model_live_in_one_bucket(docs):
 @pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
 def test_todays_config_takes_the_s3_storage(docs, script):
     cfg, rejected = job_config(by_entry_point(docs, script))
-    if rejected:
-        pytest.xfail(f"the config rejects object-store URIs in {', '.join(rejected)} until the storage module "
-                     "lands (issue 13, part 1); every other key of the entrypoint is checked above")
+    assert rejected == []
     storage = cfg.search.storage_path if isinstance(cfg, SearchConfig) else cfg.run.storage_path
     assert storage.startswith("s3://")
 

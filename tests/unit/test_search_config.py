@@ -97,7 +97,7 @@ def test_gpt2_config_is_gpt2_on_gpus_zero2_bf16():
         (["search.asha.max_t=7"], "search.asha.max_t: 7 rounds > the 6 validation rounds"),
         (["search.asha.reduction_factor=1"], "search.asha.reduction_factor"),
         (["search.algorithm=bayes"], "search.algorithm"),
-        (["search.storage_path=s3://bucket/x"], "search.storage_path"),
+        (["search.storage_path=abfs://bucket/x"], "search.storage_path: abfs://bucket/x: no filesystem for the abfs:// scheme (install adlfs)"),
         (["base.optim.warmup_steps=100"], "base.optim.warmup_steps: must be below optim.max_steps"),
         (["base.optim.lr=0"], "base.optim.lr"),
         (["space.lr=null", "space.weight_decay=null", "space.dropout=null"], "space: no hyperparameter is searched"),

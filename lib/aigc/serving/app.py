@@ -26,6 +26,7 @@ latency, time-to-first-token and inter-token latency histograms, batch sizes, qu
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import time
@@ -41,9 +42,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aigc import storage
 from aigc.config import ConfigError, expand
 from aigc.generation import max_positions
-from aigc.modeldir import ModelDirError, load_model, read_metadata
+from aigc.modeldir import (
+    METADATA,
+    ModelDirError,
+    files_fingerprint,
+    load_model,
+    read_metadata,
+    verify_model_dir,
+)
 from aigc.raycompat import cluster_address
 from aigc.sampling import TokenLogprob
 from aigc.serving.api import (
@@ -202,6 +211,20 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
             await s.aclose()
 
 
+MODEL_CACHE = "~/.cache/aigc/models"  # a replica's verified copies of object-store model directories
+
+
+def local_model_dir(model_dir: str) -> str:
+    """`model_dir` itself, or for an object-store URI the replica's verified copy in MODEL_CACHE, keyed by the
+    files' fingerprint (downloaded once per fingerprint, into a temp folder, verified, then renamed: aigc.storage)."""
+    if not storage.is_uri(model_dir):
+        return expand(model_dir)
+    storage.published_files(model_dir)  # no marker: not (yet) a complete directory
+    meta = json.loads(storage.read_text(storage.join(model_dir, METADATA)))
+    cache = os.path.join(expand(MODEL_CACHE), files_fingerprint(meta))
+    return str(storage.fetch_dir(model_dir, cache, verify=verify_model_dir))
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
 class ModelServer:
@@ -215,7 +238,7 @@ class ModelServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
-        loaded = load_model(expand(self.args.model_dir), device=device, dtype=dtype)
+        loaded = load_model(local_model_dir(self.args.model_dir), device=device, dtype=dtype)
         self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, max_positions(loaded.model)
         if ensure_chat_template(self.tok):  # a directory exported before templates were saved with it
             logger.warning("%s has no chat template; chat uses aigc's default (aigc.template)", self.args.model_dir)
@@ -384,7 +407,13 @@ def _model_dir_problems(model_dir: str) -> list[str]:
     see the path (a cluster's shared storage), the replicas' loader is the check; it verifies the
     checksums in any case."""
     path = expand(model_dir)
-    if "://" in path or not os.path.isdir(os.path.dirname(path)):
+    if storage.is_uri(path):  # reachable and published (the replicas download and verify it)
+        try:
+            storage.published_files(path)
+        except storage.StorageError as e:
+            return [f"model_dir: {e}"]
+        return []
+    if not os.path.isdir(os.path.dirname(path)):
         return []
     try:
         read_metadata(path)

@@ -76,7 +76,8 @@ class ModerationArgs(Strict):
 class ServeArgs(Strict):
     """Everything the app builder takes: `aigc serve`, `serve run ... key=value` and serve/config.yaml."""
 
-    model_dir: str = Field(..., min_length=1, description="an exported aigc model directory (verified on load)")
+    model_dir: str = Field(..., min_length=1, description="an exported aigc model directory (verified on load): a "
+                           "path, or an object-store URI (s3://..., gs://...) each replica downloads to its cache")
     model_name: str | None = Field(None, description="the id clients send as `model`; None = the directory name")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
