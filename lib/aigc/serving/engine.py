@@ -236,10 +236,10 @@ class AdapterHost:
 
     async def load(self, name: str, path: str, meta: dict[str, Any]) -> LoadedAdapter:
         """Adapter directory `path` on the base (checksums verified, its base fingerprint checked again) with
-        its own engine, probed with one token; `name` keys it (a new key per load: an adapter loaded again
-        after an unload never meets what is left of the old one)."""
+        its own engine, probed with one token. Its key in the model is new per load (an adapter loaded again
+        after an unload never meets what is left of the old one) and free of the '.' torch refuses in a name."""
         self._serial += 1
-        key = f"{name}.{self._serial}"
+        key = f"adapter{self._serial}"
         runner = Runner(self.executor)
 
         def attach() -> None:
@@ -252,6 +252,7 @@ class AdapterHost:
                                 Runner(self.executor, self._switch(key)), probe=False)
         engine.on_counts = self._counts
         loaded = LoadedAdapter(self, key, engine, meta)
+        logger.info("loaded adapter %s from %s as %s", name, path, key)
         self.loaded[key] = loaded
         try:
             await engine.check()
