@@ -244,11 +244,10 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
             await s.aclose()
 
 
-@serve.deployment(name=DEPLOYMENT)
-@serve.ingress(api)
-class ModelServer:
-    """One replica: the loaded model behind an engine, the HTTP routes, and the edge (keys, validation,
-    moderation, metrics, logs without prompt text)."""
+class ModelCore:
+    """One replica: the loaded model behind an engine (and the adapters loaded onto it), and the edge (keys,
+    validation, moderation, metrics, logs without prompt text). `ModelServer` adds the HTTP routes; behind a
+    Router it is `ModelReplica`, called over handles (Serve allows one FastAPI ingress per app)."""
 
     def __init__(self, args: dict[str, Any]):
         self.args = ServeArgs.model_validate(args)
@@ -274,9 +273,12 @@ class ModelServer:
                 adapter_meta(path, self.base_fingerprint, self.args.model_dir)
             self.host = AdapterHost(loaded.model, self.tok, self.args.batching, self.metrics, self.base_fingerprint)
             self.engine: CompletionEngine = self.host.base
-            # Serve's LRU of loaded adapters, sized by the args (hence applied here, as Ray Serve LLM does)
-            self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(
-                self._load_adapter)
+            # Serve's LRU of loaded adapters, sized by the args (hence applied here, as Ray Serve LLM does, to a
+            # function: Serve keeps its LRU on the function object, which a bound method cannot carry)
+            async def load(model_id: str) -> LoadedAdapter:
+                return await self._load_adapter(model_id)
+
+            self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
         else:
             self.engine = BatchingEngine(loaded.model, self.tok, self.args.batching, self.metrics)
         logger.info("serving %s (%s) from %s on %s; %d API key(s)%s", self.name, self.fingerprint,
@@ -345,26 +347,6 @@ class ModelServer:
 
     def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None, list[TokenLogprob]]]:
         return _merge([self._choice(call, i) for i in range(len(call.results))])
-
-    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
-    async def completions(self, request: Request):
-        return await self._generate(request, COMPLETIONS, parse_completion)
-
-    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
-    async def chat_completions(self, request: Request):
-        return await self._generate(request, CHAT, parse_chat)
-
-    async def _generate(self, request: Request, route: str, parse: Parser):
-        """Every generating route: key, body, then `_answer` on the base."""
-        t0 = time.perf_counter()
-        try:
-            authorize(request.headers, self.keys)
-            limits = self.args.limits
-            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
-        except ApiError as e:
-            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
-            return error_response(e)
-        return await self._answer(route, parse, body, t0, _Target(self.name, self.engine, self.fingerprint))
 
     async def generate(self, route: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """The Router's call (a streaming handle; the key and the body were checked there): the answer to a
@@ -457,17 +439,6 @@ class ModelServer:
         logger.info("%s %d prompt_tokens=%d completion_tokens=%d finish=%s %.1fms%s", call.rid, code,
                     call.prompt_tokens, done, [r.finish_reason for r in call.results], seconds * 1e3, extra)
 
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        t0 = time.perf_counter()
-        try:
-            authorize(request.headers, self.keys)
-        except ApiError as e:
-            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
-            return error_response(e)
-        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
-        return self.model_list()
-
     def model_list(self) -> dict[str, Any]:
         """The `GET /v1/models` body: the base, then the adapters served now (the Router's call too)."""
         return model_list(self.name, self.created, self.ctx, self.fingerprint, self._adapters())
@@ -477,11 +448,6 @@ class ModelServer:
         and where adapters are looked up."""
         return {"model": self.name, "model_dir": self.args.model_dir, "base_fingerprint": self.base_fingerprint,
                 "adapter_folder": self.args.adapter_folder}
-
-    @api.get("/ready")
-    async def ready(self):
-        status, body = await self.readiness()
-        return body if status == 200 else JSONResponse(body, status_code=status)
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
         """(status, body) of `GET /ready`: one token through the base model (the Router's call too)."""
@@ -499,6 +465,54 @@ class ModelServer:
     async def check_health(self) -> None:
         """Serve's health check: the replica is replaced if this raises (e.g. the model is broken)."""
         await self.engine.check()
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class ModelServer(ModelCore):
+    """The model's replica as the app's HTTP ingress (an app without adapters)."""
+
+    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
+    async def completions(self, request: Request):
+        return await self._generate(request, COMPLETIONS, parse_completion)
+
+    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, CHAT, parse_chat)
+
+    async def _generate(self, request: Request, route: str, parse: Parser):
+        """Every generating route: key, body, then `_answer` on the base."""
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+            limits = self.args.limits
+            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
+        except ApiError as e:
+            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        return await self._answer(route, parse, body, t0, _Target(self.name, self.engine, self.fingerprint))
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+        except ApiError as e:
+            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
+        return self.model_list()
+
+    @api.get("/ready")
+    async def ready(self):
+        status, body = await self.readiness()
+        return body if status == 200 else JSONResponse(body, status_code=status)
+
+
+@serve.deployment(name=DEPLOYMENT)
+class ModelReplica(ModelCore):
+    """The model's replica behind the Router (an app that serves adapters): `generate`, `model_list`,
+    `readiness` and `info` over handles."""
 
 
 @serve.deployment(name=ROUTER)
@@ -581,7 +595,9 @@ class Router:
         except ApiError as e:
             self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
             return error_response(e)
-        return await self.model.model_list.remote()
+        body = await self.model.model_list.remote()
+        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
+        return body
 
     @router_api.get("/ready")
     async def ready(self):
@@ -611,9 +627,10 @@ def build_app(args: ServeArgs | Mapping[str, Any]):
     if problems or parsed is None:
         raise ConfigError(problems, "serve args")
     # the replica gets only what it uses, so Serve-option changes don't look like a new model to Serve
-    model = ModelServer.options(**deployment_options(parsed)).bind(parsed.model_dump(exclude=DEPLOYMENT_FIELDS))
+    replica = parsed.model_dump(exclude=DEPLOYMENT_FIELDS)
     if not parsed.serves_adapters:
-        return model
+        return ModelServer.options(**deployment_options(parsed)).bind(replica)
+    model = ModelReplica.options(**deployment_options(parsed)).bind(replica)
     return Router.options(**router_options(parsed)).bind(model, parsed.model_dump(include=ROUTER_FIELDS))
 
 
