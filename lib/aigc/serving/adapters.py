@@ -78,9 +78,8 @@ def problems(args: ServeArgs) -> list[str]:
         base_fp = fingerprint(base)
     except ModelDirError as e:
         return [f"model_dir: {e} (a base that serves adapters needs its full weights)"]
+    # a folder that does not exist yet serves no adapter yet (the pipeline's deploy_adapter creates it)
     folder = expand(args.adapter_folder) if args.adapter_folder else None
-    if folder and "://" not in folder and not os.path.isdir(folder):
-        out.append(f"adapter_folder: {folder} is not a directory")
     keyed = [(f"adapters[{i}]", expand(p)) for i, p in enumerate(args.adapters)]
     keyed += [(f"adapter_folder/{n}", os.path.join(folder or "", n)) for n in folder_names(args)]
     for key, path in keyed:

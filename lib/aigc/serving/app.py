@@ -699,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{args.served_name}\", \"messages\": [{{\"role\": \"user\", "
           f"\"content\": \"Write an ad for running shoes\"}}], \"max_tokens\": 32}}'")
+    for name in available(args):
+        print(f"  adapter {name!r}: \"model\": \"{adapter_model_id(args.served_name, name)}\"")
     if not (ns.blocking or owned):
         print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
         return 0
