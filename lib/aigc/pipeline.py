@@ -1,4 +1,10 @@
-"""The whole loop as one job: search -> report -> winner -> deploy (or update) on Serve -> smoke request."""
+"""The whole loop as one job: search -> report -> winner -> deploy (or update) on Serve -> smoke request.
+
+The winner goes to Serve one of two ways: merged, as the app itself (`deploy`: deployed, or updated in place),
+or with `deploy.as_adapter` as one more adapter of an app already serving its base (`deploy_adapter`: copied
+into that app's adapter folder, where its replicas find it by name: a second customer's model on the replicas
+that serve the first).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ from openai import APIConnectionError, APIStatusError, InternalServerError, Open
 from ray import serve
 
 from aigc import tracking
-from aigc.config import DataSection
+from aigc.config import DataSection, expand
 from aigc.corpus import ensure_embedded_corpus
+from aigc.modeldir import copy_model_dir
 from aigc.pipeline_config import DeploySection, PipelineConfig
 from aigc.search import run_search
 from aigc.search_config import SearchConfig
+from aigc.serving.adapters import adapter_meta
 from aigc.serving.app import build_app
-from aigc.serving.args import parse_args
+from aigc.serving.args import adapter_model_id, parse_args
 from aigc.taskdata import read_rows
 from aigc.taskmetrics import fidelity, is_embedded_task, parse_ad
 
@@ -37,8 +45,32 @@ def deploy(winner_dir: str, d: DeploySection) -> str:
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
               blocking=False)
+    return app_url(d)
+
+
+def app_url(d: DeploySection) -> str:
+    """The base URL of the app `d` names (its /v1 lives under it)."""
     host = "127.0.0.1" if d.host == "0.0.0.0" else d.host
     return f"http://{host}:{d.port}{d.route_prefix.rstrip('/')}"
+
+
+def deploy_adapter(model_dir: str, d: DeploySection, name: str, timeout_s: float = 60.0) -> tuple[str, str]:
+    """Serve the LoRA adapter of `model_dir` on the running app `d.app_name` (one that serves adapters on its
+    base, `adapter_folder` set) as adapter `name`: checked against the base the app serves (both fingerprints
+    named otherwise), copied into the app's adapter folder (verified, atomically; an adapter of that name is
+    replaced), where its replicas find it on the next request. Returns (the app's base URL, the model id).
+    Replicas that still hold an adapter of that name keep it until Serve's LRU unloads it."""
+    try:
+        info = serve.get_app_handle(d.app_name).info.remote().result(timeout_s=timeout_s)
+    except Exception as e:
+        raise RuntimeError(f"deploy.app_name: no running Serve app {d.app_name!r} to deploy the adapter onto "
+                           f"({type(e).__name__}: {e})") from None
+    if not info.get("adapter_folder"):
+        raise RuntimeError(f"deploy.as_adapter: the running app {d.app_name!r} serves no adapter_folder; deploy its "
+                           "base with adapter_folder set first (docs/serving.md)")
+    adapter_meta(model_dir, info["base_fingerprint"], info["model_dir"])
+    copy_model_dir(model_dir, os.path.join(expand(info["adapter_folder"]), name))
+    return app_url(d), adapter_model_id(info["model"], name)
 
 
 def smoke_requests(data: DataSection, d: DeploySection) -> list[dict[str, Any]]:
@@ -120,20 +152,22 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         raise RuntimeError(f"{result.search_dir}: the search ended without a winner "
                            f"(interrupted={result.interrupted}, errors={result.errors}); see the report")
     print(f"[aigc] report: {result.report['report.html']}", flush=True)
-    url = deploy(result.winner_dir, cfg.deploy)
     served = parse_args({**cfg.deploy.args, "model_dir": result.winner_dir})
+    if cfg.deploy.as_adapter:
+        url, model = deploy_adapter(result.winner_dir, cfg.deploy, cfg.deploy.adapter_name or cfg.search.name)
+    else:
+        url, model = deploy(result.winner_dir, cfg.deploy), served.served_name
     key = served.api_keys[0] if served.api_keys else None
-    generations = smoke(url, cfg.deploy, served.served_name, smoke_requests(cfg.base.data, cfg.deploy), key)
+    generations = smoke(url, cfg.deploy, model, smoke_requests(cfg.base.data, cfg.deploy), key)
     mark_champion(cfg, result.winner_dir)  # once it answers: the champion is what Serve runs
-    print(f"[aigc] endpoint: {url}/v1  (OpenAI base_url; model {served.served_name!r})", flush=True)
+    print(f"[aigc] endpoint: {url}/v1  (OpenAI base_url; model {model!r})", flush=True)
     if cfg.base.data.format == "chat":
-        body = {"model": served.served_name, "max_tokens": 96,
-                "messages": [{"role": "user", "content": generations[0]["prompt"]}]}
+        body = {"model": model, "max_tokens": 96, "messages": [{"role": "user", "content": generations[0]["prompt"]}]}
         print(f"[aigc] try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
               flush=True)
     else:
         print(f"[aigc] try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{served.served_name}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'",
+              f"-d '{{\"model\": \"{model}\", \"prompt\": \"Introducing the\", \"max_tokens\": 32}}'",
               flush=True)
     print_smoke(generations)
     return PipelineResult(result.report["report.html"], result.winner_dir, url, generations)

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from aigc.config import ConfigError, Strict
 from aigc.search_config import SearchConfig
-from aigc.serving.args import parse_args
+from aigc.serving.args import ADAPTER_NAME, parse_args
 
 WINNER_PLACEHOLDER = "<winner>"
 
@@ -24,7 +24,8 @@ class DeploySection(Strict):
     host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
     args: dict[str, Any] = Field(
-        default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus"
+        default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus; "
+        "with as_adapter only api_keys is read (the key the smoke requests send: the running app keeps its args)"
     )
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Introducing the", "Save", "Limited time:"], min_length=1,
                                      description="prompts sent to /v1/completions after deploying (data.format text)")
@@ -33,6 +34,15 @@ class DeploySection(Strict):
     smoke_max_tokens: int = Field(96, ge=1, description="max_tokens of each smoke request (an embedded ad is <= 90)")
     ready_timeout_s: float = Field(300.0, gt=0, description="how long the app may take to become healthy")
     keep_serving: bool = Field(False, description="stay in the foreground serving until Ctrl-C (local Ray dies with us)")
+    as_adapter: bool = Field(
+        False, description="deploy the winner (a LoRA run's) as an adapter onto the running app `app_name`: copied "
+        "into that app's adapter_folder and served by its replicas as '<base>:<adapter_name>', no new replica; "
+        "false: serve the merged winner as the app (deployed or updated in place)"
+    )
+    adapter_name: str | None = Field(
+        None, pattern=f"^{ADAPTER_NAME.pattern}$",
+        description="the adapter's name with as_adapter (its model id is '<base>:<adapter_name>'); None = search.name"
+    )
 
 
 class PipelineConfig(SearchConfig):
@@ -42,6 +52,10 @@ class PipelineConfig(SearchConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
+        d = self.deploy
+        if d.as_adapter and self.base.model.peft.method != "lora":
+            out.append(f"deploy.as_adapter: the winner must be a LoRA adapter, but base.model.peft.method is "
+                       f"{self.base.model.peft.method!r}; set it to lora")
         if "model_dir" in self.deploy.args:
             out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
             return out

@@ -25,3 +25,22 @@ def test_prompt_completion_smoke_uses_completions_and_text_uses_the_configured_p
     assert len(reqs) == 2 and all(r["route"] == "completions" and r["text"].startswith("Product: ") for r in reqs)
     text = smoke_requests(DataSection(), DeploySection(smoke_prompts=["Save"]))
     assert text == [{"route": "completions", "prompt": "Save", "text": "Save"}]
+
+
+def test_deploying_as_an_adapter_needs_a_lora_winner_and_a_usable_name():
+    from pathlib import Path
+
+    import pytest
+
+    from aigc.config import ConfigError, load_config
+    from aigc.pipeline_config import PipelineConfig
+
+    shipped = Path(__file__).resolve().parents[2] / "jobs/configs/pipeline-tiny-cpu.yaml"
+    cfg = load_config(PipelineConfig, shipped, ["deploy.as_adapter=true", "base.model.peft.method=lora",
+                                                "base.model.train_top_n_blocks=0", "deploy.adapter_name=shoes"])
+    assert cfg.deploy.as_adapter and cfg.deploy.adapter_name == "shoes"
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, shipped, ["deploy.as_adapter=true"])
+    assert "deploy.as_adapter: the winner must be a LoRA adapter, but base.model.peft.method is 'none'" in str(e.value)
+    with pytest.raises(ConfigError, match="deploy.adapter_name: String should match pattern"):
+        load_config(PipelineConfig, shipped, ["deploy.adapter_name=a:b"])

@@ -484,3 +484,125 @@ def test_chat_logprobs_have_openais_shape(chat_tok):
     content = whole.choices[0].logprobs.content
     assert [(c.token, c.logprob, c.bytes) for c in content] == [("<1>", -0.2, list(b"<1>")), ("<2>", -1.5, list(b"<2>"))]
     assert [[(t.token, t.logprob) for t in c.top_logprobs] for c in content] == [[("<1>", -0.2)], [("<3>", -0.3)]]
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def test_adapter_model_ids_and_names():
+    from aigc.serving.args import adapter_model_id, split_model_id
+
+    assert adapter_model_id("tiny", "shoes") == "tiny:shoes"
+    assert split_model_id("tiny:shoes", "tiny") == "shoes" and split_model_id("tiny", "tiny") is None
+    with pytest.raises(KeyError):
+        split_model_id("other:shoes", "tiny")
+    e = api.model_not_found("tiny:nope", ["tiny", "tiny:shoes"], "nope")
+    assert e.status == 404 and e.param == "model" and e.code == "model_not_found"
+    assert e.message == "model: adapter 'nope' of 'tiny' does not exist; this server has 'tiny', 'tiny:shoes'"
+    assert api.model_not_found("gpt", ["tiny"]).message == "model: 'gpt' does not exist; this server has 'tiny'"
+    many = api.model_not_found("x", ["tiny", *(f"tiny:a{i}" for i in range(30))]).message
+    assert "'tiny:a18' and 11 more (GET /v1/models lists them)" in many
+    args = ServeArgs(model_dir="/m/base", model_name="a:b", adapters=["/x/shoes", "/y/shoes", "/z/bad name"])
+    assert args.serves_adapters and not ServeArgs(model_dir="/m").serves_adapters
+    assert args.problems() == [
+        "model_name: 'a:b' holds ':', which separates base and adapter in a model id",
+        "adapters[1]: name 'shoes' is also adapters[0]'s; adapters are named by their directory names, which must differ",
+        "adapters[2]: directory name 'bad name' is not a usable adapter name (letters, digits, '.', '_', '-'; at most 128)",
+    ]
+
+
+def _adapter_dir(base, out: Path, seed: int) -> str:
+    """An adapter-only directory on `base` with random non-zero adapters (as after training)."""
+    import torch
+
+    from aigc.config import FinetuneConfig, load_config
+    from aigc.lora import trainable_model
+    from aigc.modeldir import load_model, save_adapter_dir
+
+    lm = load_model(base)
+    model, _, _ = trainable_model(lm.model, load_config(FinetuneConfig, None, ["model.peft.method=lora"]).model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: the adapter would change nothing
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(save_adapter_dir(model, lm.tokenizer, out, base=str(base), merge=False, config={}, metrics={}))
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    """Two adapters on the tiny base (one in a folder), and one on another base (the tiny one, embeddings doubled)."""
+    import torch
+
+    from aigc.modeldir import fingerprint, load_model, save_model_dir
+
+    root = tmp_path_factory.mktemp("adapters")
+    other = load_model(tiny_model_dir)
+    with torch.no_grad():
+        other.model.transformer.wte.weight.mul_(2)
+    other_base = save_model_dir(other.model, other.tokenizer, root / "other-base", config={})
+    return {"one": _adapter_dir(tiny_model_dir, root / "one", 1), "two": _adapter_dir(tiny_model_dir, root / "folder/two", 2),
+            "folder": str(root / "folder"), "alien": _adapter_dir(other_base, root / "alien", 3),
+            "fps": (fingerprint(tiny_model_dir), fingerprint(other_base))}
+
+
+def test_an_adapter_of_another_base_is_refused_before_serving_naming_both_fingerprints(tiny_model_dir, adapter_dirs):
+    from aigc.config import ConfigError
+    from aigc.serving.adapters import available, find
+    from aigc.serving.app import build_app
+
+    good = ServeArgs(model_dir=str(tiny_model_dir), adapters=[adapter_dirs["one"]], adapter_folder=adapter_dirs["folder"])
+    assert available(good) == {"one": adapter_dirs["one"], "two": adapter_dirs["two"]}
+    assert find(good, "two") == adapter_dirs["two"] and find(good, "nope") is None and find(good, "../one") is None
+    build_app(good)  # no Ray needed to build it
+    with pytest.raises(ConfigError) as e:
+        build_app({"model_dir": str(tiny_model_dir), "adapters": [adapter_dirs["one"], adapter_dirs["alien"]]})
+    [problem] = e.value.problems
+    ours, theirs = adapter_dirs["fps"]
+    assert problem.startswith(f"adapters[1]: {adapter_dirs['alien']}: adapter trained on base ")
+    assert f"fingerprint {theirs[:16]}" in problem and f"has fingerprint {ours[:16]}" in problem
+
+
+def test_adapter_host_switches_adapters_per_step_and_unloads(tiny_model_dir, adapter_dirs):
+    """Requests for the base and two adapters decode at once on one model (steps interleaved), each exactly as
+    its model alone answers; an unloaded adapter leaves the model and the rest keep answering."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aigc.generation import SamplingParams, generate
+    from aigc.modeldir import load_model
+    from aigc.serving.adapters import adapter_meta
+    from aigc.serving.args import BatchingArgs
+    from aigc.serving.engine import AdapterHost
+
+    gauge = SimpleNamespace(set=lambda *a, **k: None, observe=lambda *a, **k: None)
+    metrics = SimpleNamespace(queued=gauge, running=gauge, batch_size=gauge)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    prompts = [[5, 9, 30], [7, 2]]
+
+    def alone(path) -> list[list[int]]:
+        lm = load_model(path)  # an adapter-only directory loads merged onto its base
+        return [c.token_ids for c in generate(lm.model, lm.tokenizer, prompts, greedy)]
+
+    want = {"base": alone(tiny_model_dir), "one": alone(adapter_dirs["one"]), "two": alone(adapter_dirs["two"])}
+    assert want["one"] != want["base"] and want["two"] != want["one"]  # the adapters change the answers
+
+    async def run() -> None:
+        lm = load_model(tiny_model_dir)
+        host = AdapterHost(lm.model, lm.tokenizer, BatchingArgs(max_batch_size=4), metrics, adapter_dirs["fps"][0])
+        one, two = [await host.load(n, adapter_dirs[n], adapter_meta(adapter_dirs[n], host.base_fingerprint, "tiny"))
+                    for n in ("one", "two")]
+
+        async def tokens(engine, prompt):
+            return [d async for d in engine.stream(prompt, greedy)][-1].token_ids
+
+        engines = {"base": host.base, "one": one.engine, "two": two.engine}
+        got = await asyncio.gather(*(tokens(e, p) for e in engines.values() for p in prompts))
+        assert dict(zip(engines, [got[0:2], got[2:4], got[4:6]], strict=True)) == want
+        one.__del__()  # what Serve's LRU calls; the adapter leaves once idle
+        await asyncio.sleep(0.2)
+        assert set(host.peft.peft_config) == {two.key} and list(host.loaded) == [two.key]
+        assert [await tokens(host.base, p) for p in prompts] == want["base"]
+        assert [await tokens(two.engine, p) for p in prompts] == want["two"]
+
+    asyncio.run(run())

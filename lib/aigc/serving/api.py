@@ -250,13 +250,25 @@ def _parse_request(cls: type[R], body: Mapping[str, Any], limits: LimitsArgs, mo
     except ValidationError as e:
         raise validation_error(e) from None
     if req.model != model:
-        raise ApiError(404, f"model: '{req.model}' does not exist; this server has '{model}'", "model",
-                       "model_not_found")
+        raise model_not_found(req.model, [model])
     bad = req.unsupported()
     if bad:
         raise ApiError(400, "; ".join(f"{k}: {m}" for k, m in bad), bad[0][0])
     _within("n", req.n, 1, limits.max_n)
     return req
+
+
+MODELS_NAMED = 20  # served model ids a 404 names; the rest are counted
+
+
+def model_not_found(model: str, served: Sequence[str], adapter: str | None = None) -> ApiError:
+    """The 404 for a `model` this server does not serve (`adapter`: the adapter it named, when it named one of
+    the served base), naming what it does serve."""
+    names = ", ".join(f"'{m}'" for m in served[:MODELS_NAMED])
+    if len(served) > MODELS_NAMED:
+        names += f" and {len(served) - MODELS_NAMED} more (GET /v1/models lists them)"
+    what = f"adapter '{adapter}' of '{served[0]}'" if adapter is not None else f"'{model}'"
+    return ApiError(404, f"model: {what} does not exist; this server has {names}", "model", "model_not_found")
 
 
 def _within(name: str, value: int, low: int, limit: int, what: str = "this server's limit") -> None:
@@ -697,10 +709,15 @@ class ParsedChat(ParsedCompletion):
         return chat_chunk(head, [], usage)
 
 
-def model_list(model: str, created: int, context: int, fingerprint: str) -> dict[str, Any]:
-    """The `GET /v1/models` body: the one served model."""
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "aigc",
-                                        "max_model_len": context, "system_fingerprint": fingerprint}]}
+def model_list(model: str, created: int, context: int, fingerprint: str,
+               adapters: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The `GET /v1/models` body: the served model, then its adapters as (model id, fingerprint), each with the
+    base as its `parent` (as vLLM lists LoRA adapters)."""
+    def card(id_: str, fp: str, **extra: Any) -> dict[str, Any]:
+        return {"id": id_, "object": "model", "created": created, "owned_by": "aigc", "max_model_len": context,
+                "system_fingerprint": fp, **extra}
+
+    return {"object": "list", "data": [card(model, fingerprint), *(card(a, fp, parent=model) for a, fp in adapters)]}
 
 
 def sse(obj: Any) -> str:

@@ -16,10 +16,19 @@ Routes (under the route prefix):
     POST /v1/completions        OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
     POST /v1/chat/completions   OpenAI chat, likewise; messages rendered with the model directory's chat
                                 template (aigc.template: the ids training used for the same prompt)
-    GET  /v1/models             the one served model
+    GET  /v1/models             the served model (and its adapters)
     GET  /ready                 readiness: generates one token through the loaded model
 Both POST routes take the same path: key check, parsing into SamplingParams and token ids
 (aigc.serving.api), prompt moderation, the engine, output moderation, then JSON or SSE.
+
+LoRA adapters on the base (`adapters`, `adapter_folder`): each is its own model id, "<base>:<adapter>" (Ray
+Serve LLM's convention). A second deployment, the `Router`, is then the HTTP ingress: it checks the key and
+the body, answers 404 for a model it does not serve, and forwards the parsed body over a handle with the
+model id as Serve's `multiplexed_model_id` (only for an adapter: base requests spread over all replicas), so
+Serve prefers a replica that already holds that adapter. A replica loads an adapter when first asked for it
+(`@serve.multiplexed`, the `max_adapters_per_replica` most recently used kept) onto its one base model, each
+adapter with its own decode batch (aigc.serving.engine.AdapterHost), and answers through the same edge as the
+base: validation, moderation, metrics, no prompt text in logs.
 Metrics (`ray_aigc_*` on Ray's metrics export port): requests, errors, prompt/completion tokens,
 latency, time-to-first-token and inter-token latency histograms, batch sizes, queued and running requests.
 """
@@ -38,8 +47,9 @@ from typing import Any
 import ray
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc import storage
@@ -49,12 +59,15 @@ from aigc.modeldir import (
     METADATA,
     ModelDirError,
     files_fingerprint,
+    fingerprint,
     load_model,
     read_metadata,
     verify_model_dir,
 )
 from aigc.raycompat import cluster_address
 from aigc.sampling import TokenLogprob
+from aigc.serving.adapters import adapter_meta, available, find, listed
+from aigc.serving.adapters import problems as adapter_problems
 from aigc.serving.api import (
     SSE_DONE,
     ApiError,
@@ -67,6 +80,7 @@ from aigc.serving.api import (
     accepted_keys,
     authorize,
     model_list,
+    model_not_found,
     openapi_body,
     parse_chat,
     parse_completion,
@@ -75,8 +89,19 @@ from aigc.serving.api import (
     system_fingerprint,
     usage,
 )
-from aigc.serving.args import DEPLOYMENT, DEPLOYMENT_FIELDS, ServeArgs, deployment_options, parse_args
-from aigc.serving.engine import BatchingEngine, CompletionEngine
+from aigc.serving.args import (
+    DEPLOYMENT,
+    DEPLOYMENT_FIELDS,
+    ROUTER,
+    ROUTER_FIELDS,
+    ServeArgs,
+    adapter_model_id,
+    deployment_options,
+    parse_args,
+    router_options,
+    split_model_id,
+)
+from aigc.serving.engine import AdapterHost, BatchingEngine, CompletionEngine, LoadedAdapter
 from aigc.serving.metrics import Metrics
 from aigc.serving.moderation import load_moderator
 from aigc.template import ensure_chat_template
@@ -87,6 +112,7 @@ COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
 api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)
+router_api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)  # the Router's (adapters)
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -109,12 +135,28 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
 
 
+router_api.add_exception_handler(ApiError, _api_error)
+router_api.add_exception_handler(StarletteHTTPException, _http_error)
+
+
 # Everything the replica's methods use is defined above it: `serve.ingress` pickles the class as it is
 # declared, and a name defined further down would be missing from the copy that runs.
 
 
 # what a POST route parses its body with: parse_completion or parse_chat
 Parser = Callable[..., ParsedCompletion]
+PARSERS: dict[str, Parser] = {COMPLETIONS: parse_completion, CHAT: parse_chat}
+
+
+@dataclass
+class _Target:
+    """The model a request runs on: its id (what the answer's `model` says), its engine and fingerprint, and
+    what to call when the request is done (an adapter's lease)."""
+
+    model: str
+    engine: CompletionEngine
+    fingerprint: str
+    release: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -127,6 +169,7 @@ class _Call:
     t0: float
     parsed: ParsedCompletion
     blocked: list[bool]  # the prompt moderation's verdicts, per prompt
+    engine: CompletionEngine
     results: list[Result] = field(init=False)
     first: float | None = None  # when the first text came
     last: float | None = None  # when the last text came
@@ -225,11 +268,10 @@ def local_model_dir(model_dir: str) -> str:
     return str(storage.fetch_dir(model_dir, cache, verify=verify_model_dir))
 
 
-@serve.deployment(name=DEPLOYMENT)
-@serve.ingress(api)
-class ModelServer:
-    """One replica: the loaded model behind an engine, the HTTP routes, and the edge (keys, validation,
-    moderation, metrics, logs without prompt text)."""
+class ModelCore:
+    """One replica: the loaded model behind an engine (and the adapters loaded onto it), and the edge (keys,
+    validation, moderation, metrics, logs without prompt text). `ModelServer` adds the HTTP routes; behind a
+    Router it is `ModelReplica`, called over handles (Serve allows one FastAPI ingress per app)."""
 
     def __init__(self, args: dict[str, Any]):
         self.args = ServeArgs.model_validate(args)
@@ -246,9 +288,66 @@ class ModelServer:
         self.keys = accepted_keys(self.args)
         self.moderator = load_moderator(self.args.moderation)
         self.metrics = Metrics()
-        self.engine: CompletionEngine = BatchingEngine(loaded.model, self.tok, self.args.batching, self.metrics)
-        logger.info("serving %s (%s) from %s on %s; %d API key(s)", self.name, self.fingerprint,
-                    self.args.model_dir, device, len(self.keys))
+        self.host: AdapterHost | None = None
+        self.base_fingerprint: str | None = None
+        if self.args.serves_adapters:
+            # what each adapter recorded of its base must be these weights: refuse a wrong one before serving
+            self.base_fingerprint = fingerprint(expand(self.args.model_dir))
+            for path in listed(self.args).values():
+                adapter_meta(path, self.base_fingerprint, self.args.model_dir)
+            self.host = AdapterHost(loaded.model, self.tok, self.args.batching, self.metrics, self.base_fingerprint)
+            self.engine: CompletionEngine = self.host.base
+            # Serve's LRU of loaded adapters, sized by the args (hence applied here, as Ray Serve LLM does, to a
+            # function: Serve keeps its LRU on the function object, which a bound method cannot carry)
+            async def load(model_id: str) -> LoadedAdapter:
+                return await self._load_adapter(model_id)
+
+            self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
+        else:
+            self.engine = BatchingEngine(loaded.model, self.tok, self.args.batching, self.metrics)
+        logger.info("serving %s (%s) from %s on %s; %d API key(s)%s", self.name, self.fingerprint,
+                    self.args.model_dir, device, len(self.keys), "; adapters on demand" if self.host else "")
+
+    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        """Serve's multiplexed loader: the adapter model id `model_id` names, loaded onto the base."""
+        name = split_model_id(model_id, self.name)
+        path = find(self.args, name) if name is not None else None
+        if path is None or self.host is None:
+            raise model_not_found(model_id, self._served(), name)
+        meta = adapter_meta(path, self.base_fingerprint or "", self.args.model_dir)
+        return await self.host.load(name, path, meta)
+
+    async def _target(self, model_id: str) -> _Target:
+        """The base (`model_id` empty: Serve's id of a request without one) or the adapter `model_id` names,
+        loaded if need be; a 404 ApiError for an adapter the app does not serve, a 400 for one that cannot be
+        served on this base."""
+        if not model_id or model_id == self.name:
+            return _Target(self.name, self.engine, self.fingerprint)
+        try:
+            split_model_id(model_id, self.name)
+            loaded: LoadedAdapter = await self._adapter(model_id)
+        except KeyError:
+            raise model_not_found(model_id, self._served()) from None
+        except ModelDirError as e:
+            logger.error("adapter %s refused: %s", model_id, e)
+            raise ApiError(400, f"model: {e}", "model", "model_not_loadable") from None
+        loaded.acquire()  # in the step the load returned in: an unload waits for this request
+        return _Target(model_id, loaded.engine, files_fingerprint(loaded.meta), loaded.release)
+
+    def _adapters(self) -> list[tuple[str, str]]:
+        """(model id, fingerprint) of each adapter served now for this base (one recorded for another base, or
+        one still being copied in, is not)."""
+        out = []
+        for name, path in (available(self.args).items() if self.base_fingerprint else ()):
+            try:
+                out.append((adapter_model_id(self.name, name),
+                            files_fingerprint(adapter_meta(path, self.base_fingerprint, self.args.model_dir))))
+            except ModelDirError:
+                continue
+        return out
+
+    def _served(self) -> list[str]:
+        return [self.name, *(m for m, _ in self._adapters())]
 
     async def _choice(self, call: _Call, index: int) -> AsyncIterator[tuple[int, str, str | None, list[TokenLogprob]]]:
         """(index, new text, finish_reason, new logprobs) for one sequence, with the output moderation applied."""
@@ -257,7 +356,7 @@ class ModelServer:
             yield index, "", "content_filter", []
             return
         text, hit = "", False
-        async with aclosing(self.engine.stream(call.parsed.prompt_ids[seq.prompt], seq.params)) as deltas:
+        async with aclosing(call.engine.stream(call.parsed.prompt_ids[seq.prompt], seq.params)) as deltas:
             async for d in deltas:
                 r.n_tokens, r.token_ids = d.n_tokens, d.token_ids or r.token_ids
                 r.prompt_logprobs = d.prompt_logprobs or r.prompt_logprobs
@@ -273,27 +372,37 @@ class ModelServer:
     def _choices(self, call: _Call) -> AsyncIterator[tuple[int, str, str | None, list[TokenLogprob]]]:
         return _merge([self._choice(call, i) for i in range(len(call.results))])
 
-    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
-    async def completions(self, request: Request):
-        return await self._generate(request, COMPLETIONS, parse_completion)
-
-    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
-    async def chat_completions(self, request: Request):
-        return await self._generate(request, CHAT, parse_chat)
-
-    async def _generate(self, request: Request, route: str, parse: Parser):
-        """Every generating route: key, body, `parse` (the route's own), prompt moderation, then JSON or SSE."""
+    async def generate(self, route: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """The Router's call (a streaming handle; the key and the body were checked there): the answer to a
+        generating request on the model Serve routed it with (`multiplexed_model_id`; none: the base). Yields
+        ("json", status, body bytes), or ("sse", headers) and then the stream's events."""
         t0 = time.perf_counter()
         try:
-            authorize(request.headers, self.keys)
-            limits = self.args.limits
-            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
-            parsed = parse(body, self.args.limits, self.tok, model=self.name, context=self.ctx)
+            target = await self._target(serve.get_multiplexed_model_id())
+        except ApiError as e:
+            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
+            yield "json", e.status, error_response(e).body
+            return
+        try:
+            answer = await self._answer(route, PARSERS[route], body, t0, target)
+            if isinstance(answer, StreamingResponse):
+                yield "sse", {"X-Request-Id": answer.headers["x-request-id"]}
+                async for event in answer.body_iterator:
+                    yield event
+            else:
+                yield "json", answer.status_code, answer.body
+        finally:
+            target.release()
+
+    async def _answer(self, route: str, parse: Parser, body: dict[str, Any], t0: float, target: _Target):
+        """A generating request's body on `target`: `parse` (the route's own), prompt moderation, then JSON or SSE."""
+        try:
+            parsed = parse(body, self.args.limits, self.tok, model=target.model, context=self.ctx)
         except ApiError as e:
             self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
             return error_response(e)
         blocked = [self.moderator.check(t, "prompt") is not None for t in parsed.prompts]
-        call = _Call(route, parsed.head(self.name, self.fingerprint), t0, parsed, blocked)
+        call = _Call(route, parsed.head(target.model, target.fingerprint), t0, parsed, blocked, target.engine)
         self.metrics.prompt_tokens.inc(call.prompt_tokens)  # > 0: empty prompts are rejected
         if not parsed.request.stream:
             return await self._complete_json(call)
@@ -354,6 +463,59 @@ class ModelServer:
         logger.info("%s %d prompt_tokens=%d completion_tokens=%d finish=%s %.1fms%s", call.rid, code,
                     call.prompt_tokens, done, [r.finish_reason for r in call.results], seconds * 1e3, extra)
 
+    def model_list(self) -> dict[str, Any]:
+        """The `GET /v1/models` body: the base, then the adapters served now (the Router's call too)."""
+        return model_list(self.name, self.created, self.ctx, self.fingerprint, self._adapters())
+
+    def info(self) -> dict[str, Any]:
+        """What a deploy onto this running app needs (aigc.pipeline): the base's model id and fingerprint,
+        and where adapters are looked up."""
+        return {"model": self.name, "model_dir": self.args.model_dir, "base_fingerprint": self.base_fingerprint,
+                "adapter_folder": self.args.adapter_folder}
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) of `GET /ready`: one token through the base model (the Router's call too)."""
+        t0 = time.perf_counter()
+        try:
+            n = await self.engine.check()
+        except Exception as e:  # a replica that cannot generate is not ready
+            logger.exception("readiness probe failed")
+            self.metrics.record("/ready", 503, time.perf_counter() - t0, "server_error")
+            return 503, ApiError(503, f"not ready: {type(e).__name__}", type_="server_error").body()
+        self.metrics.record("/ready", 200, time.perf_counter() - t0)
+        return 200, {"status": "ready", "model": self.name, "system_fingerprint": self.fingerprint,
+                     "generated_tokens": n, "latency_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    async def check_health(self) -> None:
+        """Serve's health check: the replica is replaced if this raises (e.g. the model is broken)."""
+        await self.engine.check()
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class ModelServer(ModelCore):
+    """The model's replica as the app's HTTP ingress (an app without adapters)."""
+
+    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
+    async def completions(self, request: Request):
+        return await self._generate(request, COMPLETIONS, parse_completion)
+
+    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, CHAT, parse_chat)
+
+    async def _generate(self, request: Request, route: str, parse: Parser):
+        """Every generating route: key, body, then `_answer` on the base."""
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+            limits = self.args.limits
+            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
+        except ApiError as e:
+            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        return await self._answer(route, parse, body, t0, _Target(self.name, self.engine, self.fingerprint))
+
     @api.get("/v1/models")
     async def models(self, request: Request):
         t0 = time.perf_counter()
@@ -363,24 +525,112 @@ class ModelServer:
             self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
             return error_response(e)
         self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
-        return model_list(self.name, self.created, self.ctx, self.fingerprint)
+        return self.model_list()
 
     @api.get("/ready")
     async def ready(self):
+        status, body = await self.readiness()
+        return body if status == 200 else JSONResponse(body, status_code=status)
+
+
+@serve.deployment(name=DEPLOYMENT)
+class ModelReplica(ModelCore):
+    """The model's replica behind the Router (an app that serves adapters): `generate`, `model_list`,
+    `readiness` and `info` over handles."""
+
+
+@serve.deployment(name=ROUTER)
+@serve.ingress(router_api)
+class Router:
+    """The HTTP ingress of an app that serves adapters: key and body checked, an unknown model answered 404
+    here, and the rest forwarded to the model's replicas with the adapter's model id as Serve's
+    `multiplexed_model_id`, so the request goes to a replica that already holds that adapter where one does."""
+
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any]):
+        self.args = ServeArgs.model_validate(args)
+        self.model, self.name = model, self.args.served_name
+        self.keys = accepted_keys(self.args)
+        self.metrics = Metrics()
+
+    def _served(self) -> list[str]:
+        return [self.name, *(adapter_model_id(self.name, n) for n in available(self.args))]
+
+    def _multiplexed_id(self, body: dict[str, Any]) -> str:
+        """The adapter model id a body asks for, "" for the base (and for a `model` that is no string, which the
+        replica's parsing names); a 404 ApiError naming a model or adapter the app does not serve."""
+        model = body.get("model")
+        if not isinstance(model, str):
+            return ""
+        try:
+            adapter = split_model_id(model, self.name)
+        except KeyError:
+            raise model_not_found(model, self._served()) from None
+        if adapter is not None and find(self.args, adapter) is None:
+            raise model_not_found(model, self._served(), adapter)
+        return model if adapter is not None else ""
+
+    async def _forward(self, request: Request, route: str):
         t0 = time.perf_counter()
         try:
-            n = await self.engine.check()
-        except Exception as e:  # a replica that cannot generate is not ready
-            logger.exception("readiness probe failed")
-            self.metrics.record("/ready", 503, time.perf_counter() - t0, "server_error")
-            return error_response(ApiError(503, f"not ready: {type(e).__name__}", type_="server_error"))
-        self.metrics.record("/ready", 200, time.perf_counter() - t0)
-        return {"status": "ready", "model": self.name, "system_fingerprint": self.fingerprint, "generated_tokens": n,
-                "latency_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            authorize(request.headers, self.keys)
+            limits = self.args.limits
+            body = parse_json_body(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
+            model_id = self._multiplexed_id(body)
+        except ApiError as e:
+            self.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        handle = self.model.options(stream=True, **({"multiplexed_model_id": model_id} if model_id else {}))
+        events = handle.generate.remote(route, body)
+        try:
+            first = await events.__anext__()
+        except Exception:
+            logger.exception("forwarding to %s failed", DEPLOYMENT)
+            self.metrics.record(route, 500, time.perf_counter() - t0, "server_error")
+            return error_response(_generation_failed())
+        if first[0] == "json":
+            return Response(first[2], status_code=first[1], media_type="application/json")
 
-    async def check_health(self) -> None:
-        """Serve's health check: the replica is replaced if this raises (e.g. the model is broken)."""
-        await self.engine.check()
+        async def rest() -> AsyncIterator[str]:
+            done = False
+            try:
+                async for event in events:
+                    yield event
+                done = True
+            finally:
+                if not done:  # the client went away: stop the replica's generation too
+                    events.cancel()
+
+        return StreamingResponse(rest(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **first[1]})
+
+    @router_api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
+    async def completions(self, request: Request):
+        return await self._forward(request, COMPLETIONS)
+
+    @router_api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(self, request: Request):
+        return await self._forward(request, CHAT)
+
+    @router_api.get("/v1/models")
+    async def models(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            authorize(request.headers, self.keys)
+        except ApiError as e:
+            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
+            return error_response(e)
+        body = await self.model.model_list.remote()
+        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
+        return body
+
+    @router_api.get("/ready")
+    async def ready(self):
+        status, body = await self.model.readiness.remote()
+        return body if status == 200 else JSONResponse(body, status_code=status)
+
+    async def info(self) -> dict[str, Any]:
+        """The model deployment's `info` (aigc.pipeline deploys an adapter onto a running app with it)."""
+        return await self.model.info.remote()
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -396,10 +646,16 @@ def build_app(args: ServeArgs | Mapping[str, Any]):
     model_dir = parsed.model_dir if parsed else args.get("model_dir") if isinstance(args, Mapping) else None
     if isinstance(model_dir, str | os.PathLike):
         problems += _model_dir_problems(str(model_dir))
+    if parsed is not None and not problems:
+        problems += adapter_problems(parsed)
     if problems or parsed is None:
         raise ConfigError(problems, "serve args")
     # the replica gets only what it uses, so Serve-option changes don't look like a new model to Serve
-    return ModelServer.options(**deployment_options(parsed)).bind(parsed.model_dump(exclude=DEPLOYMENT_FIELDS))
+    replica = parsed.model_dump(exclude=DEPLOYMENT_FIELDS)
+    if not parsed.serves_adapters:
+        return ModelServer.options(**deployment_options(parsed)).bind(replica)
+    model = ModelReplica.options(**deployment_options(parsed)).bind(replica)
+    return Router.options(**router_options(parsed)).bind(model, parsed.model_dump(include=ROUTER_FIELDS))
 
 
 def _model_dir_problems(model_dir: str) -> list[str]:
@@ -473,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{args.served_name}\", \"messages\": [{{\"role\": \"user\", "
           f"\"content\": \"Write an ad for running shoes\"}}], \"max_tokens\": 32}}'")
+    for name in available(args):
+        print(f"  adapter {name!r}: \"model\": \"{adapter_model_id(args.served_name, name)}\"")
     if not (ns.blocking or owned):
         print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
         return 0

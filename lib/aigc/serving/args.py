@@ -6,6 +6,7 @@ importing FastAPI, Ray or torch (tests/unit/test_serving_api.py holds it to that
 """
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -13,7 +14,10 @@ from pydantic import Field
 
 from aigc.config import ConfigError, Strict, build, deep_merge, parse_overrides
 
-DEPLOYMENT = "Model"  # the one deployment's name (Serve configs' `deployments:` entries use it)
+DEPLOYMENT = "Model"  # the model's deployment (Serve configs' `deployments:` entries use it)
+ROUTER = "Router"  # the ingress in front of it when adapters are served (see aigc.serving.app)
+ADAPTER_SEP = ":"  # "<base>:<adapter>" is an adapter's model id (Ray Serve LLM's convention)
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name that is safe in a model id and a path
 
 
 class LimitsArgs(Strict):
@@ -100,6 +104,17 @@ class ServeArgs(Strict):
     api_keys_env: str | None = Field("AIGC_API_KEYS", description="env var (on the replicas) with comma-separated keys")
     log_prompts: bool = Field(False, description="log prompt and output text (off: only counts and timings)")
     moderation: ModerationArgs = Field(default_factory=ModerationArgs, description="the prompt and output hook")
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapter model directories served on this base, each as model "
+        "'<model_name>:<directory name>'; each must record this base's fingerprint (checked before serving)"
+    )
+    adapter_folder: str | None = Field(
+        None, description="a folder of adapter model directories, each served as '<model_name>:<its name>'; looked up "
+        "when requested, so an adapter copied in later is served without a redeploy"
+    )
+    max_adapters_per_replica: int = Field(
+        8, ge=1, description="adapters a replica keeps loaded (Serve multiplexing, least recently used unloaded first)"
+    )
 
     def problems(self) -> list[str]:
         """Problems between fields (one field's own range is checked by its type), each named by its key."""
@@ -115,12 +130,53 @@ class ServeArgs(Strict):
             out.append("num_gpus: device is 'cuda' but num_gpus=0 (the replica would get no GPU)")
         if self.moderation.hook and ":" not in self.moderation.hook:
             out.append(f"moderation.hook: expected 'module:factory', got {self.moderation.hook!r}")
+        if ADAPTER_SEP in self.served_name and self.serves_adapters:
+            out.append(f"model_name: {self.served_name!r} holds {ADAPTER_SEP!r}, which separates base and adapter "
+                       "in a model id")
+        seen: dict[str, int] = {}
+        for i, path in enumerate(self.adapters):
+            name = adapter_name(path)
+            if not ADAPTER_NAME.fullmatch(name):
+                out.append(f"adapters[{i}]: directory name {name!r} is not a usable adapter name (letters, digits, "
+                           "'.', '_', '-'; at most 128)")
+            elif name in seen:
+                out.append(f"adapters[{i}]: name {name!r} is also adapters[{seen[name]}]'s; adapters are named by "
+                           "their directory names, which must differ")
+            seen.setdefault(name, i)
         return out
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether the app serves adapters (a router in front of the model's replicas then reads `model`)."""
+        return bool(self.adapters) or self.adapter_folder is not None
 
     @property
     def served_name(self) -> str:
         """The id clients send as `model`: model_name, else the model directory's name."""
         return self.model_name or os.path.basename(os.path.normpath(self.model_dir)) or "model"
+
+
+def adapter_name(path: str) -> str:
+    """An adapter's name: its directory's name."""
+    return os.path.basename(os.path.normpath(path))
+
+
+def adapter_model_id(base: str, adapter: str) -> str:
+    """The id clients send for `adapter` served on `base`: "<base>:<adapter>"."""
+    return f"{base}{ADAPTER_SEP}{adapter}"
+
+
+def split_model_id(model: str, base: str) -> str | None:
+    """The adapter a model id names on `base` (None for the base itself); a KeyError for an id of another base."""
+    if model == base:
+        return None
+    prefix = f"{base}{ADAPTER_SEP}"
+    if not model.startswith(prefix):
+        raise KeyError(model)
+    return model[len(prefix):]
+
+
+PATH_KEYS = ("model_dir", "model_name", "adapter_folder")  # strings taken as they are, not parsed as YAML
 
 
 def parse_args(raw: Mapping[str, Any] | ServeArgs) -> ServeArgs:
@@ -131,7 +187,7 @@ def parse_args(raw: Mapping[str, Any] | ServeArgs) -> ServeArgs:
     tree: dict[str, Any] = {}
     overrides = []
     for key, value in raw.items():
-        if isinstance(value, str) and key not in ("model_dir", "model_name"):
+        if isinstance(value, str) and key not in PATH_KEYS:
             overrides.append(f"{key}={value}")  # CLI strings parse as YAML scalars: "4" -> 4, "true" -> True
         else:
             tree = deep_merge(tree, _nest(key, value))
@@ -153,6 +209,8 @@ DEPLOYMENT_FIELDS = {
     "num_cpus", "num_gpus", "max_ongoing_requests", "max_queued_requests", "max_surge_percent",
     "graceful_shutdown_timeout_s", "health_check_period_s", "autoscaling",
 }
+# what the router reads; changing anything else leaves it running
+ROUTER_FIELDS = {"model_dir", "model_name", "adapters", "adapter_folder", "limits", "api_keys", "api_keys_env"}
 
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:
@@ -167,3 +225,11 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
         "health_check_period_s": args.health_check_period_s,
     }
+
+
+def router_options(args: ServeArgs) -> dict[str, Any]:
+    """Serve options of the router in front of the model's replicas: no CPU of its own (it parses a body and
+    forwards it), scaled like the replicas, holding every request they hold (it streams each one back)."""
+    opts = deployment_options(args)
+    return {**opts, "name": ROUTER, "ray_actor_options": {"num_cpus": 0},
+            "max_ongoing_requests": args.max_ongoing_requests * args.autoscaling.max_replicas}

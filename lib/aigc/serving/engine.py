@@ -4,17 +4,28 @@
 batching over the shared generation path (`aigc.generation.BatchStream`). Validation, keys, moderation
 and metrics of requests stay at the edge (aigc.serving.app), so another engine (vLLM on GPUs) slots in
 behind the same API.
+
+LoRA adapters on one base (`AdapterHost`): peft injects every adapter's layers into the one base model and
+applies one active adapter (or none) to a forward, so a decode batch holds the rows of one adapter only.
+Each loaded adapter gets its own BatchingEngine (its own rows and KV cache) on the shared model, and every
+forward of any of them, and every load and unload, runs in one place (the event loop, or the one decode
+thread) one at a time, its adapter switched on first. Requests for different adapters therefore take turns
+step by step instead of sharing a step; requests for the same adapter batch as on a plain model.
 """
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol, TypeVar
 
 from aigc.generation import BatchStream, Delta, SamplingParams, generate
+from aigc.modeldir import load_adapter
 from aigc.serving.args import BatchingArgs
 from aigc.serving.metrics import Metrics
+
+T = TypeVar("T")
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,23 +43,54 @@ class CompletionEngine(Protocol):
         ...
 
 
+class Runner:
+    """Where a model's forwards run: on the event loop, or in a decode thread (`executor`, one thread), each
+    inside `activate()` (an adapter's switch; nothing for a plain model). Engines that share a model share
+    one executor, so their forwards never overlap."""
+
+    def __init__(self, executor: ThreadPoolExecutor | None = None,
+                 activate: Callable[[], AbstractContextManager] = nullcontext):
+        self.executor, self.activate = executor, activate
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` with the model set up for it, here and now (the caller is where forwards run)."""
+        with self.activate():
+            return fn()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """`fn()` where the model's forwards run."""
+        if self.executor is None:
+            return self.call(fn)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.call, fn)
+
+
+def decode_executor(batching: BatchingArgs) -> ThreadPoolExecutor | None:
+    """The one decode thread of a model with `batching.step_in_thread`, else None (steps on the event loop)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="aigc-decode") if batching.step_in_thread else None
+
+
 class BatchingEngine:
     """Continuous batching in a replica: one BatchStream that stays open, one asyncio task stepping it
     while requests run or wait, and a queue per request that receives its deltas.
 
-    Construction runs one probe token, so a replica whose model cannot generate never becomes ready."""
+    Construction runs one probe token (unless `probe=False`: the caller runs `check()` where forwards
+    run), so a replica whose model cannot generate never becomes ready. `runner`: where and how the
+    model's forwards run (default: per `batching.step_in_thread`, the model as it is)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batching: BatchingArgs, metrics: Metrics):
+    def __init__(self, model: Any, tokenizer: Any, batching: BatchingArgs, metrics: Metrics,
+                 runner: Runner | None = None, probe: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self._make = lambda: BatchStream(model, tokenizer, max_batch_size=batching.max_batch_size, keep_finished=False)
         self.batch = self._make()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="aigc-decode") if batching.step_in_thread else None
+        self.runner = runner or Runner(decode_executor(batching))
         self.metrics = metrics
         self.queues: dict[int, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._shown = (-1, -1)
-        self.probe()
+        self.on_counts: Callable[[], None] | None = None  # set by a host that sums its engines' gauges
+        if probe:
+            self.runner.call(self.probe)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
         """Queue one prompt for the next step: its row, and the queue its deltas (or an error) arrive on."""
@@ -84,18 +126,25 @@ class BatchingEngine:
 
     def probe(self) -> int:
         """One greedy token from a one-token prompt through the generation path (not the request queue:
-        a replica busy with long requests is healthy, one whose model cannot run is not)."""
+        a replica busy with long requests is healthy, one whose model cannot run is not). Call it where the
+        model's forwards run (`check` does)."""
         prompt = [[self.tokenizer.eos_token_id or 0]]
         out = generate(self.model, self.tokenizer, prompt, SamplingParams(temperature=0, max_tokens=1))
         return len(out[0].token_ids)
 
     async def check(self) -> int:
-        if self.executor is None:
-            return self.probe()
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.probe)
+        return await self.runner.run(self.probe)
+
+    def busy(self) -> bool:
+        """Whether any request is queued or decoding here."""
+        return bool(self.queues) or not self.batch.idle()
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(requests waiting for a row, requests decoding)."""
+        return self.batch.waiting, len(self.batch.active)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._gauges()
             if self.batch.idle():
@@ -103,10 +152,7 @@ class BatchingEngine:
                 await self._wake.wait()
                 continue
             try:
-                if self.executor is None:
-                    deltas = self.batch.step()
-                else:
-                    deltas = await loop.run_in_executor(self.executor, self.batch.step)
+                deltas = await self.runner.run(self.batch.step)
             except Exception as e:  # a broken step fails the requests in it, not the replica
                 logger.exception("decode step failed; failing %d request(s)", len(self.queues))
                 for queue in self.queues.values():
@@ -125,8 +171,105 @@ class BatchingEngine:
             await asyncio.sleep(0)  # between steps the loop takes new requests and sends chunks
 
     def _gauges(self) -> None:
-        now = (self.batch.waiting, len(self.batch.active))
+        now = self.counts
         if now != self._shown:
             self._shown = now
+            if self.on_counts is not None:
+                self.on_counts()
+                return
             self.metrics.queued.set(now[0])
             self.metrics.running.set(now[1])
+
+
+class LoadedAdapter:
+    """One adapter on a replica's base: its engine, its identity, and the requests using it (`leases`).
+
+    Serve's multiplexing calls `__del__` when it unloads the adapter (least recently used first); the adapter
+    then leaves the model once its last request is done, so an unload never cuts a running request short."""
+
+    def __init__(self, host: "AdapterHost", key: str, engine: BatchingEngine, meta: dict[str, Any]):
+        self.host, self.key, self.engine, self.meta = host, key, engine, meta
+        self.leases = 0
+        self.unloading = False
+        self._loop = asyncio.get_running_loop()
+
+    def acquire(self) -> None:
+        """A request starts using the adapter (call it in the same step as the load returns)."""
+        self.leases += 1
+
+    def release(self) -> None:
+        self.leases -= 1
+
+    def __del__(self) -> None:
+        # Serve calls this in a worker thread, and Python again when the object goes: hand it to the loop once
+        if self.unloading:
+            return
+        self.unloading = True
+        try:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.host.unload(self)))
+        except RuntimeError:  # the loop is closed: the replica is going away with its model
+            pass
+
+
+class AdapterHost:
+    """One base model in a replica and the LoRA adapters loaded onto it (see the module docstring): the base's
+    engine, an engine per loaded adapter, and the model's one place to run forwards, loads and unloads."""
+
+    def __init__(self, model: Any, tokenizer: Any, batching: BatchingArgs, metrics: Metrics, base_fingerprint: str):
+        self.model, self.tokenizer, self.batching, self.metrics = model, tokenizer, batching, metrics
+        self.base_fingerprint = base_fingerprint
+        self.peft: Any = None  # the PeftModel around `model`, once an adapter is loaded
+        self.executor = decode_executor(batching)
+        self.base = BatchingEngine(model, tokenizer, batching, metrics, Runner(self.executor, self._base_on))
+        self.base.on_counts = self._counts
+        self.loaded: dict[str, LoadedAdapter] = {}  # by key
+        self._serial = 0
+
+    def _base_on(self) -> AbstractContextManager:
+        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+
+    def _switch(self, key: str) -> Callable[[], AbstractContextManager]:
+        def on() -> AbstractContextManager:
+            self.peft.set_adapter(key, inference_mode=True)
+            return nullcontext()
+        return on
+
+    async def load(self, name: str, path: str, meta: dict[str, Any]) -> LoadedAdapter:
+        """Adapter directory `path` on the base (checksums verified, its base fingerprint checked again) with
+        its own engine, probed with one token. Its key in the model is new per load (an adapter loaded again
+        after an unload never meets what is left of the old one) and free of the '.' torch refuses in a name."""
+        self._serial += 1
+        key = f"adapter{self._serial}"
+        runner = Runner(self.executor)
+
+        def attach() -> None:
+            self.peft = load_adapter(self.peft if self.peft is not None else self.model, path, adapter_name=key,
+                                     base_fingerprint=self.base_fingerprint)
+            self.peft.eval()
+
+        await runner.run(attach)
+        engine = BatchingEngine(self.model, self.tokenizer, self.batching, self.metrics,
+                                Runner(self.executor, self._switch(key)), probe=False)
+        engine.on_counts = self._counts
+        loaded = LoadedAdapter(self, key, engine, meta)
+        logger.info("loaded adapter %s from %s as %s", name, path, key)
+        self.loaded[key] = loaded
+        try:
+            await engine.check()
+        except Exception:
+            await self.unload(loaded)
+            raise
+        return loaded
+
+    async def unload(self, loaded: LoadedAdapter, poll_s: float = 0.05) -> None:
+        """Take `loaded` off the model once no request uses it."""
+        while loaded.leases > 0 or loaded.engine.busy():
+            await asyncio.sleep(poll_s)
+        if self.loaded.pop(loaded.key, None) is not None:
+            await Runner(self.executor).run(lambda: self.peft.delete_adapter(loaded.key))
+            logger.info("unloaded adapter %s", loaded.key)
+
+    def _counts(self) -> None:
+        engines = [self.base, *(a.engine for a in self.loaded.values())]
+        self.metrics.queued.set(sum(e.counts[0] for e in engines))
+        self.metrics.running.set(sum(e.counts[1] for e in engines))
