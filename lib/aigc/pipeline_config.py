@@ -34,6 +34,16 @@ class DeploySection(Strict):
     ready_timeout_s: float = Field(300.0, gt=0, description="how long the app may take to become healthy")
     keep_serving: bool = Field(False, description="stay in the foreground serving until Ctrl-C (local Ray dies with us)")
 
+    def problems(self, who: str = "pipeline (the search's winner)") -> list[str]:
+        """`args` checked as ServeArgs, with the model directory that `who` deploys filled in."""
+        if "model_dir" in self.args:
+            return [f"deploy.args.model_dir: set by the {who}; remove it"]
+        try:
+            parse_args({**self.args, "model_dir": WINNER_PLACEHOLDER})
+        except ConfigError as e:
+            return [f"deploy.args.{p}" for p in e.problems]
+        return []
+
 
 class PipelineConfig(SearchConfig):
     """A search config (`base`, `space`, `search`) plus how to deploy the winner."""
@@ -41,12 +51,4 @@ class PipelineConfig(SearchConfig):
     deploy: DeploySection = Field(default_factory=DeploySection, description="how the winner is served once the search is done")
 
     def problems(self) -> list[str]:
-        out = super().problems()
-        if "model_dir" in self.deploy.args:
-            out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
-            return out
-        try:
-            parse_args({**self.deploy.args, "model_dir": WINNER_PLACEHOLDER})
-        except ConfigError as e:
-            out += [f"deploy.args.{p}" for p in e.problems]
-        return out
+        return super().problems() + self.deploy.problems()
