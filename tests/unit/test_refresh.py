@@ -319,3 +319,28 @@ def test_champion_follows_serve_and_challenger_the_candidate(setup, monkeypatch)
     assert run.data.metrics["gain"] == pytest.approx(0.25) and run.data.tags["aigc.decision"] == "promoted"
     run_rollback(cfg, None, fake.steps())
     assert tracker.version_by_alias(CHAMPION).fingerprint == fake.serving != tracker.version_by_alias(CHALLENGER).fingerprint
+
+
+def test_readme_cronjob_submits_the_refresh_job_with_the_k8s_image_and_token():
+    import re
+    import shlex
+
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Keeping a model current"):readme.index("## From laptop to GPU cluster")]
+    cron = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    rayjob = yaml.safe_load((ROOT / "k8s" / "rayjob-finetune.yaml").read_text())
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    job = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert cron["kind"] == "CronJob" and job["image"] == head["image"]
+    token = next(e for e in job["env"] if e["name"] == "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token["name"] == rayjob["spec"]["rayClusterSpec"]["authOptions"]["secretName"]
+    cmd = job["command"]
+    script, config, overrides = cmd[cmd.index("--") + 2], cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2:]
+    app = "/home/ray/aigc/"
+    assert script == app + "jobs/refresh.py" and config.startswith(app)
+    load_config(RefreshConfig, ROOT / config.removeprefix(app), overrides)
+    line = next(x for x in section.splitlines() if "jobs/refresh.py" in x and x.startswith("0 3"))
+    words = shlex.split(line)
+    load_config(RefreshConfig, ROOT / words[words.index("--config") + 1], [w for w in words if w.startswith("refresh.")])
