@@ -33,7 +33,7 @@ from aigc.modeldir import load_model
 from aigc.refresh_config import REPORT_DIR
 from aigc.report import CSS
 from aigc.report_plots import _colours, _save, fmt
-from aigc.taskdata import read_rows
+from aigc.taskdata import chat_row, prompt_completion_row, read_rows
 from aigc.template import ensure_chat_template
 
 PLOT = "loss_by_window.png"
@@ -53,8 +53,16 @@ def score(model_dir: str, rows: list[dict[str, Any]], data: DataSection) -> floa
     else:
         if data.format == "chat":
             ensure_chat_template(loaded.tokenizer)
-        nats = [n for n in completion_nats(loaded.model, loaded.tokenizer, rows, data) if n is not None]
+        nats = [n for n in completion_nats(loaded.model, loaded.tokenizer, canonical(rows, data), data) if n is not None]
     return sum(nats) / max(len(nats), 1)
+
+
+def canonical(rows: list[dict[str, Any]], data: DataSection) -> list[dict[str, Any]]:
+    """Task rows as the loader makes them (`aigc.taskdata`: messages as JSON, or prompt + suffix and completion);
+    a row the loader would reject is left out."""
+    check = chat_row if data.format == "chat" else prompt_completion_row
+    problems: list[str] = []
+    return [c for c in (check(r, data, "", problems) for r in rows) if c is not None]
 
 
 def score_table(models: list[dict[str, Any]], datasets: list[tuple[str, str]], data: DataSection, rows_per_set: int,
@@ -84,14 +92,20 @@ def plot(models: list[dict[str, Any]], names: list[str], table: dict[tuple[str, 
          path: Path, unit: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 5.2))
     x = list(range(len(names)))
+    # a diverged candidate's loss would flatten every other line: the axis ends a quarter above the promoted ones
+    shown = [table[(m["model"], n)] for m in models if m["decision"]["promote"] for n in names] + list(floors.values())
+    top = max(shown) * 1.25 if shown else None
     for m, colour in zip(models, _colours(len(models)), strict=True):
         promoted = m["decision"]["promote"]
-        label = f"{m['model']} (gen {m['generation']}{'' if promoted else ', rejected'})"
+        off = top is not None and any(table[(m["model"], n)] > top for n in names)
+        label = f"{m['model']} (gen {m['generation']}{'' if promoted else ', rejected'}{', off the chart' if off else ''})"
         ax.plot(x, [table[(m["model"], n)] for n in names], marker="o", color=colour if promoted else "#8c959f",
                 linestyle="-" if promoted else "--", linewidth=2 if promoted else 1, label=label)
     if floors:
         fx = [i for i, n in enumerate(names) if n in floors]
         ax.plot(fx, [floors[names[i]] for i in fx], color="black", linestyle=":", marker="_", label="exact floor")
+    if top is not None:
+        ax.set_ylim(bottom=0, top=top)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylabel(unit)
     ax.set_title("Each model on each held-out set, in the order the data arrived")

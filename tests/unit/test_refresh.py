@@ -184,6 +184,7 @@ class Fakes:
         self.serving: str | None = None
         self.loss: dict[str, tuple[float, float]] = {}
         self.next_loss = (1.0, 1.0)
+        self.losses: list[tuple[float, float]] = []  # taken first, one per training
         self.fail: str | None = None
 
     def _maybe_fail(self, step: str) -> None:
@@ -197,7 +198,7 @@ class Fakes:
         model = build_tiny_gpt2(type("A", (), {"n_layer": 1, "n_embd": 16, "n_head": 2})(), len(self.tok), 128,
                                 self.tok.eos_token_id, seed=len(self.trained))
         out = save_model_dir(model, self.tok, self.out / ft.run.name / "best", config={}, metrics={}, step=1)
-        self.loss[str(out)] = self.next_loss
+        self.loss[str(out)] = self.losses.pop(0) if self.losses else self.next_loss
         return str(out)
 
     def evaluate(self, ft, incumbent: str, candidate: str) -> dict:
@@ -344,3 +345,21 @@ def test_readme_cronjob_submits_the_refresh_job_with_the_k8s_image_and_token():
     line = next(x for x in section.splitlines() if "jobs/refresh.py" in x and x.startswith("0 3"))
     words = shlex.split(line)
     load_config(RefreshConfig, ROOT / words[words.index("--config") + 1], [w for w in words if w.startswith("refresh.")])
+
+
+def test_without_an_initial_model_the_original_data_is_fine_tuned_first_and_drift_weeks_arrive(setup, tiny_model_dir):
+    tmp, incoming, _, fake = setup
+    cfg = load_config(RefreshConfig, None, [
+        f"refresh.storage_path={tmp / 'root'}", f"refresh.incoming={incoming}", f"finetune.model.name_or_path={tiny_model_dir}",
+        "finetune.data.format=chat", "finetune.data.embedded={n_train: 40, n_validation: 10, n_test: 10, seed: 0}",
+        "drift.weeks=1", "drift.rows_per_week=60", "tracking.enabled=false", "refresh.every=0", "refresh.max_cycles=2"])
+    fake.losses = [(2.0, 1.0), (1.5, 1.0)]  # the initial model, then week 1's candidate
+    results = run_refresh(cfg, fake.steps())
+    assert [r.outcome for r in results] == ["promoted", "no-data"]  # one week of drift: one window
+    assert fake.trained[0] == INITIAL and len(fake.trained) == 2  # the original data first, then week 1
+    initial = read_lineage(tmp / "root")[INITIAL]
+    assert initial["window"]["id"] == "original" and "week-00" in initial["window"]["files"][0]["path"]
+    assert [f["path"] for f in results[0].window["files"]] == ["week-01/part-0.jsonl"]
+    assert (incoming / "week-01" / MARKER).is_file()
+    report = (tmp / "root" / "report" / "report.html").read_text()
+    assert "week-01/part-0.jsonl" in report and "exact floor" in report  # chat rows scored, with their nats
