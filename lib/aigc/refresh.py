@@ -548,22 +548,28 @@ def _finish_promotion(cfg: RefreshConfig, st: dict[str, Any], steps: Steps) -> d
     return rec
 
 
+def redraw_report(cfg: RefreshConfig) -> str | None:
+    """`write_refresh_report`, printed; a failure is reported, not raised: the report is a view, and failing to draw
+    it must not undo a decided cycle or rollback."""
+    try:
+        report = write_refresh_report(cfg)
+    except Exception as e:
+        print(f"[aigc] refresh: could not write the report: {type(e).__name__}: {e}", flush=True)
+        return None
+    print(f"[aigc] refresh: report {report}", flush=True)
+    return report
+
+
 def _end_cycle(cfg: RefreshConfig, rec: dict[str, Any], run: tracking.TrackedRun | None) -> None:
     """After the decision is in the lineage: the report redrawn, the MLflow run's artifacts, the state cleared."""
     root = root_of(cfg)
-    report = None
-    try:
-        report = write_refresh_report(cfg)
-    except Exception as e:  # the report is a view: a failure to draw it must not undo a decided cycle
-        print(f"[aigc] refresh: could not write the report: {type(e).__name__}: {e}", flush=True)
+    report = redraw_report(cfg)
     if run:
         run.log_artifacts([lineage_path(root, rec["model"]), Path(rec["window"]["dir"]) / "window.json",
                            *([Path(report)] if report else [])])
         run.tracker.client.set_tag(run.run_id, "aigc.decision", "promoted" if rec["decision"]["promote"] else "rejected")
         run.end()
     (root / STATE).unlink(missing_ok=True)
-    if report:
-        print(f"[aigc] refresh: report {report}", flush=True)
 
 
 def run_cycle(cfg: RefreshConfig, steps: Steps | None = None) -> CycleResult:
@@ -707,6 +713,7 @@ def _finish_rollback(cfg: RefreshConfig, st: dict[str, Any], steps: Steps) -> di
         write_json(root / STATE, st["cycle"])
     else:
         (root / STATE).unlink(missing_ok=True)
+    redraw_report(cfg)
     return rec
 
 

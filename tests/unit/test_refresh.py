@@ -300,6 +300,7 @@ def test_cycles_promote_reject_survive_kills_and_roll_back(setup, tiny_model_dir
     assert sorted(p.stem for p in (root / LINEAGE_DIR).glob("*.json")) == sorted([INITIAL, result.model, rejected.model])
     report = (root / "report" / "report.html").read_text()
     assert result.model in report and "original test" in report and "week-1.jsonl" in report
+    assert f"rollback from {INITIAL} to {result.model}" in report  # redrawn after a rollback too
 
 
 def test_champion_follows_serve_and_challenger_the_candidate(setup, monkeypatch):
