@@ -523,7 +523,7 @@ def ensure_served(cfg: RefreshConfig, steps: Steps) -> dict[str, Any]:
         write_json(lineage_path(root, INITIAL), rec)
         print(f"[aigc] refresh: deploying the initial model {model_dir}", flush=True)
         steps.deploy(model_dir)
-        served = set_served(root, rec, "the initial model")
+        set_served(root, rec, "the initial model")
         tracker = _track(cfg)
         if tracker:
             tracker.register_model(model_dir, alias=tracking.CHAMPION)

@@ -157,7 +157,7 @@ def test_refresh_promotes_rejects_survives_kills_and_rolls_back(ray_local, embed
     # 2. week 2, an absurd learning rate, tracking off: rejected; the store untouched
     db = (root / "mlflow.db").stat()
     bad = load_config(RefreshConfig, ROOT / "jobs/configs/refresh-tiny-cpu.yaml",
-                      [*overrides, "finetune.optim.lr=1.0", "tracking.enabled=false"])
+                      [*overrides, "finetune.optim.lr=1.0", "finetune.optim.max_steps=10", "tracking.enabled=false"])
     (result,) = run_refresh(bad)
     assert result.outcome == "rejected" and result.served == served["model"]
     assert "rejected" in read_lineage(root)[result.model]["decision"]["reason"]
