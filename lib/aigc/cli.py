@@ -4,13 +4,15 @@ arguments and every config field it takes (full dotted key, type, default, descr
     aigc finetune --config jobs/configs/tiny-cpu.yaml optim.lr=1e-3     fine-tune (Ray Train + DeepSpeed ZeRO)
     aigc search --config tune/configs/tiny-cpu.yaml space.lr.high=1e-2   search hyperparameters (Ray Tune)
     aigc pipeline --config jobs/configs/pipeline-tiny-cpu.yaml           search, report, winner, Serve
+    aigc refresh --config jobs/configs/refresh-tiny-cpu.yaml             new data -> candidate -> promoted if better
+    aigc rollback --config jobs/configs/refresh-tiny-cpu.yaml [--to M]   serve the previous (or a named) model again
     aigc serve --model DIR [a.b=value ...]                               serve a model directory over HTTP
     aigc report SEARCH_DIR                                               (re)generate a search report
     aigc corpus --out DIR                                                write the embedded corpus
     aigc check-cluster [--cluster cluster.yaml] [CONFIG ...]             check a cluster.yaml offline
 
-`ray job submit` runs the scripts jobs/finetune.py, tune/search.py and jobs/pipeline.py, which call the
-same functions as `aigc finetune`, `aigc search` and `aigc pipeline`.
+`ray job submit` runs the scripts jobs/finetune.py, tune/search.py, jobs/pipeline.py and jobs/refresh.py, which
+call the same functions as `aigc finetune`, `aigc search`, `aigc pipeline` and `aigc refresh`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydantic_core import PydanticUndefined
 from aigc import console
 from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
 from aigc.pipeline_config import PipelineConfig
+from aigc.refresh_config import RefreshBusy, RefreshConfig, RefreshError
 from aigc.search_config import SearchConfig
 
 # The one allowed exception to "imports at the top": each verb imports its heavy modules (Ray, torch,
@@ -209,6 +212,12 @@ def pipeline(argv: list[str] | None = None, prog: str | None = None, doc: str | 
         return 2
     cfg, result = done
     print(f"[aigc] done: report {result.report} | winner {result.winner_dir} | endpoint {result.url}/v1")
+    _serve_on(cfg)
+    return 0
+
+
+def _serve_on(cfg: PipelineConfig | RefreshConfig) -> None:
+    """deploy.keep_serving: stay in the foreground until Ctrl-C (a local Ray, and its Serve app, ends with us)."""
     if cfg.deploy.keep_serving:
         print("[aigc] serving until Ctrl-C")
         try:
@@ -216,6 +225,79 @@ def pipeline(argv: list[str] | None = None, prog: str | None = None, doc: str | 
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def refresh(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """Keep the served model current: fine-tune a candidate on new data, promote it only if it is better.
+
+        aigc refresh --config jobs/configs/refresh-tiny-cpu.yaml refresh.incoming=/data/incoming
+        ray job submit --working-dir . -- python jobs/refresh.py --config ...     # on a cluster, from cron
+
+    One invocation is one cycle (refresh.every loops): settled new files in refresh.incoming -> a candidate
+    fine-tuned from the served model on them plus a replay share -> candidate and incumbent on the new data's
+    held-out rows and the original test set -> promoted (zero-downtime Serve update, MLflow `champion`) only if
+    better by refresh.min_gain and within refresh.max_regression. A killed cycle continues on the next run.
+    Exit status: 0 done (promoted, rejected or nothing new), 2 bad config or data, 3 another cycle holds the lock.
+    """
+    def run(cfg: RefreshConfig) -> Any:
+        from aigc.refresh import run_refresh  # Ray, Serve, torch: only once the config is known good
+
+        return run_refresh(cfg)
+
+    try:
+        done = config_job(argv, RefreshConfig, run, prog=prog, description=doc or inspect.getdoc(refresh),
+                          config_help_text="refresh YAML: refresh, finetune, deploy, tracking, drift sections",
+                          example="refresh.min_gain=0.02")
+    except RefreshBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except RefreshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if done is None:
+        return 2
+    cfg, results = done
+    for r in results:
+        print(f"[aigc] refresh: {r.outcome}" + (f" {r.model}" if r.model else "") + f"; serving {r.served}")
+    _serve_on(cfg)
+    return 0
+
+
+def rollback(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
+    """Serve the model served before the current one again (or --to MODEL, a model id of the refresh's lineage),
+    with the same zero-downtime Serve update as a promotion, and move the registry's `champion` alias to it.
+
+        aigc rollback --config jobs/configs/refresh-tiny-cpu.yaml
+        aigc rollback --config jobs/configs/refresh-tiny-cpu.yaml --to cand-3f2a9c01b7de
+        ray job submit --working-dir . -- python -m aigc.cli rollback --config ...   # on a cluster
+
+    Model ids are the file names in <refresh.storage_path>/lineage/ (and the report's first column).
+    """
+    def run(cfg: RefreshConfig) -> Any:
+        from aigc.refresh import run_rollback
+
+        return run_rollback(cfg, known.to)
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--to", default=None)
+    known, rest = pre.parse_known_args(argv)
+    try:
+        done = config_job(rest, RefreshConfig, run, prog=prog,
+                          description=doc or inspect.getdoc(rollback),
+                          config_help_text="the refresh's YAML (its storage root and deploy section); --to MODEL "
+                                           "names the model to serve (default: the one served before)",
+                          example="refresh.storage_path=/mnt/shared/refresh")
+    except RefreshBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except RefreshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if done is None:
+        return 2
+    cfg, rec = done
+    print(f"[aigc] rollback: serving {rec['model']} ({rec['fingerprint']}) from {rec['dir']}")
+    _serve_on(cfg)
     return 0
 
 
@@ -282,6 +364,8 @@ VERBS: dict[str, Callable[..., int]] = {
     "finetune": finetune,
     "search": search,
     "pipeline": pipeline,
+    "refresh": refresh,
+    "rollback": rollback,
     "serve": serve,
     "report": report,
     "corpus": corpus,

@@ -20,6 +20,12 @@ The brief text (a prompt's user turn), fields in this order, one per line, no tr
 
 Offers are ``{pct}% off``, ``${amount} off orders over ${threshold}`` or ``buy one, get one {free|half off}``.
 
+The data also drifts (`DRIFT_WEEKS`, for `aigc.refresh`): week 0 is the original task data and each later week a
+batch whose distribution has moved (seasonal offers, a new category, a product line retired). A week's grammar is
+DEFAULT_GRAMMAR reweighted (`week_grammar`), never extended, so every week's ad parses under DEFAULT_GRAMMAR
+(validity and fidelity keep their meaning) while its rows carry the exact nats under their own week's grammar.
+The functions that sample take `week` (None: DEFAULT_GRAMMAR, the files byte for byte as before drift existed).
+
 `ensure_embedded_corpus` writes the files once into the user's cache for ``data.source: embedded``; like the
 rest of this module it needs no Ray and no torch.
 """
@@ -35,6 +41,7 @@ import random
 import string
 import tempfile
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from aigc.adwords import BRANDS, CATEGORIES, TONES
@@ -106,6 +113,53 @@ def _build_rules() -> dict[str, list[tuple[float, str]]]:
 
 DEFAULT_GRAMMAR = Grammar(_build_rules(), start="doc")
 
+# ------------------------------------------------------------------------------------------- drift
+
+
+@dataclass(frozen=True)
+class DriftWeek:
+    """One week of the drifting data: what changed, and the weights that change it (rule -> template -> weight;
+    0 removes an alternative) on top of DEFAULT_GRAMMAR."""
+
+    name: str
+    weights: dict[str, dict[str, float]]
+
+
+def _ad_type_weights(kind: int, weight: float) -> dict[str, dict[str, float]]:
+    """Ad type `kind` (an index of `_AD_TYPES`) given `weight` in every (category, tone), as `_build_rules` spells it."""
+    template = _AD_TYPES[kind][1]
+    return {f"ad_{cat}_{tone}": {template.replace("@}", f"_{cat}}}").replace("~}", f"_{tone}}}"): weight}
+            for cat in CATEGORIES for tone in TONES}
+
+
+_NO_TRAVEL = {"{ad_travel}": 0.0}  # the travel line launches in week 2
+# Weights are relative to the rule's others (default 1 for the categories and `when`; deal kinds 3:2:1; ad types
+# 3:2:1:1:2), so "bogo 6" makes buy-one-get-one offers 6/11 of all offers instead of 1/6.
+DRIFT_WEEKS: tuple[DriftWeek, ...] = (
+    DriftWeek("original data: seven categories (travel not launched yet)", {"doc": _NO_TRAVEL}),
+    DriftWeek("holiday season: buy-one-get-one and 'until midnight' offers, slogan ads, audio and kitchen gifts",
+              {"doc": {**_NO_TRAVEL, "{ad_audio}": 3.0, "{ad_kitchen}": 3.0},
+               "deal": {"{deal_bogo}": 6.0}, "when": {"until midnight": 8.0, "today only": 4.0},
+               **_ad_type_weights(2, 6.0)}),
+    DriftWeek("a new category: travel launches and leads, offer-first ads",
+              {"doc": {"{ad_travel}": 4.0}, **_ad_type_weights(1, 8.0)}),
+    DriftWeek("a product line retired: no more footwear; travel stays; detail ads",
+              {"doc": {"{ad_footwear}": 0.0, "{ad_travel}": 4.0}, **_ad_type_weights(3, 8.0)}),
+)
+
+
+@functools.cache
+def week_grammar(week: int) -> Grammar:
+    """The grammar of week `week` of `DRIFT_WEEKS` (DEFAULT_GRAMMAR reweighted); ValueError past the last week."""
+    if not 0 <= week < len(DRIFT_WEEKS):
+        raise ValueError(f"week {week}: the embedded drift has weeks 0..{len(DRIFT_WEEKS) - 1}")
+    return DEFAULT_GRAMMAR.reweight(DRIFT_WEEKS[week].weights)
+
+
+def grammar_of(week: int | None) -> Grammar:
+    """DEFAULT_GRAMMAR for None, else the week's grammar."""
+    return DEFAULT_GRAMMAR if week is None else week_grammar(week)
+
 # ------------------------------------------------------------------------------------------- briefs
 
 BRIEF_FIELDS = ("product", "category", "offer", "tone")
@@ -174,30 +228,32 @@ def brief_of(derivation: Iterable[Choice]) -> dict[str, str]:
     }
 
 
-def brief_logprob(brief: Mapping[str, str]) -> float:
-    """Log-probability (nats) of ``brief`` under the grammar's prior over briefs."""
-    return sum(DEFAULT_GRAMMAR.choice_logprob(rule, alt) for rule, alt in brief_choices(brief).items())
+def brief_logprob(brief: Mapping[str, str], week: int | None = None) -> float:
+    """Log-probability (nats) of ``brief`` under the grammar's prior over briefs (of week `week`, if given)."""
+    g = grammar_of(week)
+    return sum(g.choice_logprob(rule, alt) for rule, alt in brief_choices(brief).items())
 
 
 def _brief_key(brief: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(brief[field] for field in BRIEF_FIELDS)
 
 
-def conditional_grammar(brief: Mapping[str, str]) -> Grammar:
-    """The grammar of ads for ``brief``: its ``logprob(ad)`` is the exact ``ln p(ad | brief)``."""
-    return _conditional(_brief_key(brief))
+def conditional_grammar(brief: Mapping[str, str], week: int | None = None) -> Grammar:
+    """The grammar of ads for ``brief`` (in week `week`, if given): its ``logprob(ad)`` is the exact ``ln p(ad | brief)``."""
+    return _conditional(_brief_key(brief), week)
 
 
 @functools.lru_cache(maxsize=256)
-def _conditional(key: tuple[str, ...]) -> Grammar:
-    return DEFAULT_GRAMMAR.condition(brief_choices(dict(zip(BRIEF_FIELDS, key, strict=True))))
+def _conditional(key: tuple[str, ...], week: int | None) -> Grammar:
+    return grammar_of(week).condition(brief_choices(dict(zip(BRIEF_FIELDS, key, strict=True))))
 
 
-def brief_entropy() -> float:
-    """Entropy (nats) of the brief prior; the plain corpus entropy minus it is the mean conditional floor."""
+def brief_entropy(week: int | None = None) -> float:
+    """Entropy (nats) of the brief prior (of week `week`, if given); the plain corpus entropy minus it is the mean
+    conditional floor."""
     slots = {"doc", "brand", "deal", *(f"ad_{c}" for c in CATEGORIES), *(f"product_{c}" for c in CATEGORIES)}
     slots |= {name for choices in _OFFERS.values() for name in choices}
-    return DEFAULT_GRAMMAR.choice_entropy(slots)
+    return grammar_of(week).choice_entropy(slots)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -215,8 +271,11 @@ def sample_ads(n: int, seed: int) -> list[dict]:
     return docs
 
 
-def sample_task_rows(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = ()) -> list[dict]:
+def sample_task_rows(n: int, seed: int, exclude_briefs: Collection[tuple[str, ...]] = (),
+                     week: int | None = None) -> list[dict]:
     """``n`` task rows: a brief drawn from the prior and an ad for it, with ``nats`` = -ln p(ad | brief), exact.
+    With `week`, drawn from that week's grammar (`week_grammar`), the nats exact under it, and the row says its
+    ``week``.
 
     A row is OpenAI chat fine-tuning JSONL plus the brief's fields and the floor::
 
@@ -229,19 +288,21 @@ def sample_task_rows(n: int, seed: int, exclude_briefs: Collection[tuple[str, ..
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
+    grammar = grammar_of(week)
     rows: list[dict] = []
     while len(rows) < n:
         # Drawing the whole ad and reading its brief off the derivation draws the brief from the prior and
         # then the ad given the brief: the brief's choices are the derivation's choices at the brief rules.
         trace: list[Choice] = []
-        ad, logp = DEFAULT_GRAMMAR.sample(rng, trace)
+        ad, logp = grammar.sample(rng, trace)
         brief = brief_of(trace)
         if _brief_key(brief) in exclude_briefs:
             continue
         rows.append({
             "messages": [{"role": "user", "content": format_brief(brief)}, {"role": "assistant", "content": ad}],
             "brief": brief,
-            "nats": brief_logprob(brief) - logp,
+            "nats": brief_logprob(brief, week) - logp,
+            **({} if week is None else {"week": week}),
         })
     return rows
 
@@ -301,14 +362,30 @@ def write_corpus(
     return paths
 
 
+def _task_file_row(row: dict) -> dict:
+    # each row also carries its prompt/completion form, so one file serves data.format chat and prompt_completion
+    return {**row, **to_prompt_completion(row)}
+
+
+def write_drift_batch(path: str | os.PathLike[str], week: int, n: int, seed: int = 0) -> str:
+    """Write week `week`'s batch of `n` task rows (`sample_task_rows` with `week`) as one JSONL file, atomically:
+    the data that arrives in that week. Its seed is derived from `seed` and the week."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _write_jsonl(out, [_task_file_row(r) for r in sample_task_rows(n, _split_seed(seed, f"drift/{week}"),
+                                                                           week=week)])
+
+
 def write_task_corpus(
     out_dir: str | os.PathLike[str],
     n_train: int = 4000,
     n_validation: int = 400,
     n_test: int = 400,
     seed: int = 0,
+    week: int | None = None,
 ) -> dict[str, str]:
-    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `sample_task_rows`) and ``task.json``.
+    """Write the brief -> ad task as ``{train,validation,test}.jsonl`` (rows of `sample_task_rows`) and ``task.json``;
+    with `week`, that week's data of the drift (the grammar, nats and entropies are the week's).
 
     No validation brief occurs in train and no test brief in train or validation, so the test measures
     ads for unseen briefs; ``task.json`` records the counts of shared briefs (zero), the seed and the
@@ -321,16 +398,17 @@ def write_task_corpus(
     briefs: dict[str, set[tuple[str, ...]]] = {}
     paths: dict[str, str] = {}
     for split, n in counts.items():
-        rows = sample_task_rows(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen)
+        rows = sample_task_rows(n, _split_seed(seed, f"task/{split}"), exclude_briefs=seen, week=week)
         briefs[split] = {_brief_key(r["brief"]) for r in rows}
         seen |= briefs[split]
-        # each row also carries its prompt/completion form, so one file serves data.format chat and prompt_completion
-        paths[split] = _write_jsonl(out / f"{split}.jsonl", [{**r, **to_prompt_completion(r)} for r in rows])
-    h_ad, h_brief = DEFAULT_GRAMMAR.entropy(), brief_entropy()
+        paths[split] = _write_jsonl(out / f"{split}.jsonl", [_task_file_row(r) for r in rows])
+    grammar = grammar_of(week)
+    h_ad, h_brief = grammar.entropy(), brief_entropy(week)
     meta = {
         "seed": seed,
         "counts": counts,
-        "grammar": DEFAULT_GRAMMAR.fingerprint(),
+        "grammar": grammar.fingerprint(),
+        **({} if week is None else {"week": week, "drift": DRIFT_WEEKS[week].name}),
         "shared_briefs": {f"{a}/{b}": len(briefs[a] & briefs[b])
                           for a, b in (("validation", "train"), ("test", "train"), ("test", "validation"))},
         "entropy_nats_per_ad": h_ad,

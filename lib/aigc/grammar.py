@@ -215,14 +215,25 @@ class Grammar:
         for name, template in choices.items():
             self.choice_logprob(name, template)  # raises on an unknown rule or alternative
         rules = {name: [(1.0, choices[name])] if name in choices else alts for name, alts in self._rules.items()}
-        reachable: set[str] = set()
-        stack = [self.start]
-        while stack:
-            name = stack.pop()
-            if name not in reachable:
-                reachable.add(name)
-                stack.extend(_REF.findall("".join(t for _, t in rules[name])))
-        return Grammar({name: rules[name] for name in self._rules if name in reachable}, start=self.start)
+        return Grammar(_reachable(rules, self.start), start=self.start)
+
+    def reweight(self, weights: Mapping[str, Mapping[str, float]]) -> Grammar:
+        """The grammar with the alternatives named in ``weights`` (rule -> template -> weight) given new weights;
+        a weight of 0 removes the alternative, and the rules no longer reachable are dropped.
+
+        Every string of the result is a string of this grammar (no alternative is added), so a text that parses
+        here parses the same way under the result, and the result's ``logprob`` is exact for its own weights.
+        """
+        rules = {name: list(alts) for name, alts in self._rules.items()}
+        for name, changes in weights.items():
+            for template, weight in changes.items():
+                self.choice_logprob(name, template)  # raises on an unknown rule or alternative
+                if not (math.isfinite(weight) and weight >= 0):
+                    raise ValueError(f"rule {name!r}: weight {weight!r} of {template!r} is not >= 0")
+            rules[name] = [(changes.get(t, w), t) for w, t in rules[name] if changes.get(t, w) > 0]
+            if not rules[name]:
+                raise ValueError(f"rule {name!r}: every alternative has weight 0")
+        return Grammar(_reachable(rules, self.start), start=self.start)
 
     # --------------------------------------------------------------------------------------- parsing
 
@@ -252,6 +263,18 @@ class Grammar:
         out: list[Choice] = []
         chart.trace(self.start, 0, len(text), out)
         return out
+
+
+def _reachable(rules: Mapping[str, Sequence[tuple[float, str]]], start: str) -> dict[str, list[tuple[float, str]]]:
+    """The rules reachable from ``start``, in their given order (a grammar rejects unreachable rules)."""
+    reachable: set[str] = set()
+    stack = [start]
+    while stack:
+        name = stack.pop()
+        if name not in reachable:
+            reachable.add(name)
+            stack.extend(_REF.findall("".join(t for _, t in rules[name])))
+    return {name: list(alts) for name, alts in rules.items() if name in reachable}
 
 
 class _Chart:

@@ -44,6 +44,16 @@ class DeploySection(Strict):
         description="the adapter's name with as_adapter (its model id is '<base>:<adapter_name>'); None = search.name"
     )
 
+    def problems(self, who: str = "pipeline (the search's winner)") -> list[str]:
+        """`args` checked as ServeArgs, with the model directory that `who` deploys filled in."""
+        if "model_dir" in self.args:
+            return [f"deploy.args.model_dir: set by the {who}; remove it"]
+        try:
+            parse_args({**self.args, "model_dir": WINNER_PLACEHOLDER})
+        except ConfigError as e:
+            return [f"deploy.args.{p}" for p in e.problems]
+        return []
+
 
 class PipelineConfig(SearchConfig):
     """A search config (`base`, `space`, `search`) plus how to deploy the winner."""
@@ -52,15 +62,7 @@ class PipelineConfig(SearchConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        d = self.deploy
-        if d.as_adapter and self.base.model.peft.method != "lora":
+        if self.deploy.as_adapter and self.base.model.peft.method != "lora":
             out.append(f"deploy.as_adapter: the winner must be a LoRA adapter, but base.model.peft.method is "
                        f"{self.base.model.peft.method!r}; set it to lora")
-        if "model_dir" in self.deploy.args:
-            out.append("deploy.args.model_dir: set by the pipeline (the search's winner); remove it")
-            return out
-        try:
-            parse_args({**self.deploy.args, "model_dir": WINNER_PLACEHOLDER})
-        except ConfigError as e:
-            out += [f"deploy.args.{p}" for p in e.problems]
-        return out
+        return out + self.deploy.problems()

@@ -7,7 +7,7 @@ import pytest
 from aigc.config import ConfigError, FinetuneConfig, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB_CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("pipeline-"))
+JOB_CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith(("pipeline-", "refresh-")))
 PIPELINE_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("pipeline-*.yaml"))
 
 
