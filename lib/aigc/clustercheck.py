@@ -45,6 +45,7 @@ from aigc.placement import (
     trial_bundles,
     worker_bundle,
 )
+from aigc.refresh_config import RefreshConfig
 from aigc.search_config import SearchConfig, total_trials
 from aigc.serving.args import deployment_options, parse_args
 
@@ -279,11 +280,13 @@ def serve_demand(raw: Mapping[str, Any], source: str = "serve") -> Demand:
 
 
 def demand_of(path: str | Path) -> Demand:
-    """The peak demand of a shipped config file: a Serve config, a fine-tune job, or a search."""
+    """The peak demand of a shipped config file: a Serve config, a fine-tune job, a refresh cycle or a search."""
     raw = read_yaml(path)
     source = str(path)
     if "applications" in raw:
         return serve_demand(raw, source)
+    if "refresh" in raw:  # a refresh cycle's peak is its candidate's fine-tune (Serve's replicas are the serve config's)
+        return job_demand(load_config(RefreshConfig, path).finetune, source)
     if set(raw) <= set(FinetuneConfig.model_fields):
         return job_demand(load_config(FinetuneConfig, path), source)
     return search_demand(raw, source)
