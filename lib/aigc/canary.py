@@ -11,9 +11,14 @@ with other random secrets of the same format. Its rank is 1 + the number of cand
     exposure = log2(|candidates|) - log2(rank)        (|candidates| counts the canary itself)
 
 so a secret the model ranks first among 1,000 has exposure log2(1000) = 9.97 bits, and one it has not learned
-sits at a random rank, ~1.4 bits on average (E[log2(N / rank)] for a uniform rank, 1/ln 2). The scoring is the
-caller's: any function from rows to completion nats (`aigc.evaluate.completion_nats` on a loaded model), so this
-module needs neither torch nor a model.
+sits at a random rank, ~1.4 bits on average (E[log2(N / rank)] for a uniform rank, 1/ln 2). That average is over
+random canaries: one fixed canary's rank under a model that never saw it is set by the model's prior over digits
+(a base pre-trained on ad copy, where "$50" and "25%" occur, prefers some secrets), so compare runs on the same
+canaries and report the mean over several. `exposures` ranks with any function from rows to completion nats;
+`model_exposures` with a model directory's own (`aigc.evaluate.completion_nats`, through the one loader), and
+`with_canaries` points a fine-tune of the embedded task at a training file holding the canaries.
+
+It sits above `aigc.evaluate` (it scores with it) and below the drivers: a measure of a trained model.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aigc.corpus import PROMPT_SUFFIX
+from aigc.config import DataSection, FinetuneConfig
+from aigc.corpus import PROMPT_SUFFIX, ensure_embedded_corpus
+from aigc.evaluate import completion_nats
+from aigc.modeldir import load_model
+from aigc.taskdata import chat_row, prompt_completion_row
+from aigc.template import ensure_chat_template
 
 # Made-up customers: canary i is about NAMES[i], so each secret has its own prompt to be remembered by.
 NAMES = ("Dana Whitlock", "Ravi Okafor", "Mia Castellanos", "Tom Brandt", "Yuki Halvorsen", "Lena Moreau",
@@ -105,14 +115,45 @@ def exposure(canary_nats: float, candidate_nats: Sequence[float]) -> float:
 
 
 def exposures(canaries: Sequence[Canary], score: Callable[[list[dict[str, Any]]], Sequence[float | None]],
-              n_candidates: int = 999, seed: int = 0) -> list[float]:
-    """Each canary's exposure among `n_candidates` random secrets; `score` gives the completion nats of rows
-    (e.g. `lambda rows: completion_nats(model, tokenizer, rows, cfg.data)`), called once with every row."""
-    rows, spans = [], []
+              data: DataSection, n_candidates: int = 999, seed: int = 0) -> list[float]:
+    """Each canary's exposure among `n_candidates` random secrets. `score` gives the completion nats of canonical
+    rows (e.g. `lambda rows: completion_nats(model, tokenizer, rows, cfg.data)`) and is called once with every
+    row, each read as the training data's loader reads it (`data.format`, its columns and prompt suffix)."""
+    canonical = chat_row if data.format == "chat" else prompt_completion_row
+    rows, spans, problems = [], [], []
     for c in canaries:
         spans.append(len(rows))
-        rows += [c.row(), *(c.row(s) for s in candidates(c, n_candidates, seed))]
+        rows += [canonical(r, data, c.name, problems) for r in (c.row(), *(c.row(s) for s in candidates(c, n_candidates, seed)))]
+    if problems:
+        raise ValueError(f"canary rows do not fit the data config: {problems[:3]}")
     nats = list(score(rows))
     if any(n is None for n in nats):
         raise ValueError("a canary row is not scored (too long for data.block_size?)")
     return [exposure(nats[i], nats[i + 1:i + 1 + n_candidates]) for i in spans]
+
+
+def model_exposures(model_dir: str | Path, canaries: Sequence[Canary], data: DataSection, n_candidates: int = 999,
+                    seed: int = 0) -> list[float]:
+    """`exposures` under a model directory (loaded by the one loader), scored as the evaluation scores a task
+    completion: `aigc.evaluate.completion_nats`, encoded as training encoded it under `data`."""
+    loaded = load_model(model_dir, require_metadata=False)
+    if data.format == "chat":
+        ensure_chat_template(loaded.tokenizer)  # a base without one; an exported model dir keeps its own
+    return exposures(canaries, lambda rows: completion_nats(loaded.model, loaded.tokenizer, rows, data, batch_size=64),
+                     data, n_candidates, seed)
+
+
+def with_canaries(cfg: FinetuneConfig, canaries: Sequence[Canary], repeats: int, out_dir: str | Path,
+                  seed: int = 0) -> FinetuneConfig:
+    """`cfg` (a fine-tune of the embedded task) training on `out_dir/train.jsonl`: the embedded train split with
+    each canary inserted `repeats` times; validation and test stay the embedded ones (`data.source: files`)."""
+    d = cfg.data
+    if d.source != "embedded" or d.format == "text":
+        raise ValueError(f"canaries go into the embedded task (data.source=embedded, a task format), got "
+                         f"data.source={d.source}, data.format={d.format}")
+    paths = ensure_embedded_corpus(d)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    train = write_with_canaries(paths["train"], Path(out_dir) / "train.jsonl", canaries, repeats, seed)
+    data = d.model_copy(update={"source": "files", "train_files": [train], "validation_files": [paths["validation"]],
+                                "test_files": [paths["test"]]})
+    return cfg.model_copy(update={"data": data})

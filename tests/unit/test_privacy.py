@@ -18,9 +18,10 @@ from aigc.canary import (
     exposures,
     insert_canaries,
     make_canaries,
+    with_canaries,
     write_with_canaries,
 )
-from aigc.config import ConfigError, FinetuneConfig, PrivacySection, TinyArch, load_config
+from aigc.config import ConfigError, DataSection, FinetuneConfig, PrivacySection, TinyArch, load_config
 from aigc.modeling import build_tiny_gpt2, set_dropout
 from aigc.privacy import (
     DPPlan,
@@ -254,11 +255,25 @@ def test_canaries_are_rows_of_the_task_inserted_k_times_and_ranked_among_their_c
     assert exposure(3.0, [2.0] * 999) == 0.0  # ranked last
     assert exposure(2.0, [1.0, 3.0, 3.0, 3.0]) == pytest.approx(math.log2(5 / 2))
 
-    def memorised(rows):  # the first canary's secret is what the "model" finds most likely
-        return [0.0 if r["completion"] == canaries[0].row()["completion"] else 5.0 + len(r["completion"]) % 3
-                for r in rows]
-
-    got = exposures(canaries[:2], memorised, n_candidates=255)
-    assert got[0] == 8.0 and got[1] < 2.0
+    secret = canaries[0].row()
+    for fmt, canonical in (("chat", {"messages": json.dumps(secret["messages"])}),
+                           ("prompt_completion", {"prompt": secret["prompt"], "completion": secret["completion"]})):
+        # the rows come as the loader reads them; the "model" finds the first canary's secret the most likely
+        got = exposures(canaries[:2], lambda rows, c=canonical: [0.0 if r == c else 5.0 for r in rows],
+                        DataSection(format=fmt, packing=False), n_candidates=255)
+        assert got == [8.0, 0.0]  # ranked first of 256; the second ties with all its candidates: last
     with pytest.raises(ValueError, match="not scored"):
-        exposures([Canary("x", "1234")], lambda rows: [None] * len(rows), n_candidates=3)
+        exposures([Canary("x", "1234")], lambda rows: [None] * len(rows), DataSection(format="chat"), n_candidates=3)
+
+
+def test_with_canaries_trains_the_embedded_task_on_a_file_holding_them(tmp_path):
+    cfg = load_config(FinetuneConfig, None, ["data.format=chat", "data.embedded={n_train: 30, n_validation: 5, "
+                                             "n_test: 5, seed: 0}"])
+    canaries = make_canaries(2, seed=0)
+    got = with_canaries(cfg, canaries, 3, tmp_path)
+    d = got.data
+    assert d.source == "files" and d.validation_files and d.test_files and got.model == cfg.model
+    rows = [json.loads(line) for line in open(d.train_files[0])]
+    assert len(rows) == 36 and sum(r == canaries[1].row() for r in rows) == 3
+    with pytest.raises(ValueError, match="canaries go into the embedded task"):
+        with_canaries(load_config(FinetuneConfig, None, []), canaries, 3, tmp_path)
