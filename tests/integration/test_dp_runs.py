@@ -1,34 +1,60 @@
-"""zero.stage 0 (plain DDP, no DeepSpeed) and DP-SGD on a real local Ray cluster with 2 gloo workers."""
+"""zero.stage 0 (plain DDP, no DeepSpeed) and DP-SGD on a real local Ray cluster with 2 gloo workers, on the embedded
+task with canaries in its training rows (aigc.canary): the plain run learns, exports and memorises the canaries;
+the DP run on the same data and seed does not, and its epsilon keeps adding up across a resume."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from aigc.canary import make_canaries, model_exposures, with_canaries
 from aigc.config import FinetuneConfig, load_config
-from aigc.finetune import read_metrics_log, run_finetune
+from aigc.finetune import read_metrics_log
 from aigc.modeldir import verify_model_dir
 from aigc.pretrain import finetune
 from aigc.privacy import DPPlan, projected_epsilon
-from conftest import TEXT_RANDOM
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
+# 4 canaries x 10 copies among 100 task rows; a canary ranked first of 1,000 has exposure log2(1000) = 9.97 bits,
+# one at a random rank ~1.4. Runs made for this test (mean over the 4 canaries, plain vs DP at sigma 1.0):
+# see EXPOSURE_MARGIN.
+CANARIES, REPEATS, CANDIDATES = make_canaries(4, seed=0), 10, 999
+EXPOSURE_MARGIN = 4.0  # bits: plain mean minus DP mean, measured 0.0 and 0.0 in two runs of this file
 
-def test_stage0_ddp_run_learns_and_exports(ray_local, tmp_path):
+
+def task_cfg(embedded_base, tmp_path: Path, name: str, max_steps: int, *extra: str) -> FinetuneConfig:
+    """Full fine-tuning of the embedded base on 100 task rows + the canaries, 2 workers x 4 examples a step,
+    lr 1e-2: 20 steps see ~160 rows, so each canary ~11 times."""
     cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
-        *TEXT_RANDOM, "zero.stage=0", "data.embedded={n_train: 1000, n_validation: 100, n_test: 100, seed: 0}",
-        "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.warmup_steps=2",
-        "optim.lr=5e-3", "optim.max_steps=20", "optim.grad_accum=2", "eval.every_steps=10", "eval.patience=null",
-        "run.evaluate=false", "run.samples=0", "run.name=ddp", f"run.storage_path={tmp_path}"])
-    result = run_finetune(cfg)
+        *embedded_base.overrides, "zero.stage=0", "data.packing=false", "data.block_size=192", "data.truncation=drop",
+        "data.embedded={n_train: 100, n_validation: 20, n_test: 20, seed: 0}", "optim.lr=1e-2",
+        "optim.micro_batch_size=4", "optim.warmup_steps=1", f"optim.max_steps={max_steps}", "eval.max_batches=2",
+        "eval.patience=null", "run.evaluate=false", "run.samples=0", f"run.name={name}", f"run.storage_path={tmp_path}",
+        *extra])
+    return with_canaries(cfg, CANARIES, REPEATS, tmp_path / "data")
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.fixture(scope="module")
+def plain(embedded_base, ray_local, tmp_path_factory):
+    """The run without DP: its result, config and canary exposures (shared by both tests)."""
+    cfg = task_cfg(embedded_base, tmp_path_factory.mktemp("plain"), "ddp", 20, "eval.every_steps=10")
+    result = finetune(cfg)
+    return result, cfg, model_exposures(result.final_dir, CANARIES, cfg.data, CANDIDATES)
+
+
+def test_stage0_ddp_run_learns_exports_and_memorises_its_canaries(plain, capsys):
+    result, cfg, exposures = plain
     log = read_metrics_log(result.run_dir)
     assert [r["step"] for r in log] == [10, 20]
-    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.1 and log[0]["val_loss"] < math.log(400) - 0.5  # it learned
+    assert log[-1]["val_loss"] < log[0]["val_loss"]  # it learned
     assert "epsilon" not in log[-1]
     assert (Path(log[-1]["checkpoint"]) / "ds" / "ddp_state.pt").is_file()  # no DeepSpeed shards
     meta = verify_model_dir(result.final_dir)
@@ -36,17 +62,15 @@ def test_stage0_ddp_run_learns_and_exports(ray_local, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     tok = AutoTokenizer.from_pretrained(result.final_dir)
     assert model.generate(**tok("Save", return_tensors="pt"), max_new_tokens=4, do_sample=False).shape[1] > 1
+    with capsys.disabled():
+        print(f"\n[canary] exposure without DP: {[round(x, 2) for x in exposures]}, mean {mean(exposures):.2f} bits")
+    assert mean(exposures) > 6.0  # memorised: far above the ~1.4 bits of a secret never seen
 
 
-def test_dp_run_reports_epsilon_and_resume_keeps_adding_it_up(embedded_base, ray_local, tmp_path, capsys):
+def test_dp_run_reports_epsilon_resumes_and_does_not_memorise_the_canaries(plain, embedded_base, tmp_path, capsys):
     def dp_cfg(max_steps: int) -> FinetuneConfig:
-        return load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
-            *embedded_base.overrides, "zero.stage=0", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
-            "privacy.accountant=rdp", "data.packing=false", "data.block_size=192", "data.truncation=drop",
-            "data.embedded={n_train: 300, n_validation: 20, n_test: 20, seed: 0}", "model.train_top_n_blocks=1",
-            "optim.micro_batch_size=4", "optim.warmup_steps=1", f"optim.max_steps={max_steps}",
-            "eval.every_steps=5", "eval.max_batches=2", "eval.patience=null", "run.evaluate=false", "run.samples=0",
-            "run.name=dp", f"run.storage_path={tmp_path}"])
+        return task_cfg(embedded_base, tmp_path, "dp", max_steps, "privacy.enabled=true",
+                        "privacy.noise_multiplier=1.0", "privacy.accountant=rdp", "eval.every_steps=5")
 
     first = finetune(dp_cfg(10))
     eps = [r["epsilon"] for r in read_metrics_log(first.run_dir)]
@@ -56,9 +80,17 @@ def test_dp_run_reports_epsilon_and_resume_keeps_adding_it_up(embedded_base, ray
     assert [r["step"] for r in log] == [5, 10, 15, 20]
     meta = verify_model_dir(second.final_dir)
     dp = DPPlan(**meta["privacy"])
-    assert dp.delta == 1e-3 and dp.noise_multiplier == 1.0 and log[-1]["delta"] == dp.delta
+    assert dp.n_examples == 140 and dp.delta == 1e-3 and dp.noise_multiplier == 1.0 and log[-1]["delta"] == dp.delta
     # epsilon after 20 steps, as one accountant of 20 steps says: the resumed run did not start counting at 0
     assert log[-1]["epsilon"] == pytest.approx(projected_epsilon(dp, [], 20), rel=1e-9)
     assert log[-1]["epsilon"] > log[1]["epsilon"] == pytest.approx(projected_epsilon(dp, [], 10), rel=1e-9)
     assert meta["metrics"]["epsilon"] == log[-1]["epsilon"]
     assert f"({verify_model_dir(second.best_dir)['metrics']['epsilon']:.3f}, 0.001)-DP" in capsys.readouterr().out
+
+    _, cfg, plain_exposures = plain
+    exposures = model_exposures(second.final_dir, CANARIES, cfg.data, CANDIDATES)
+    with capsys.disabled():
+        print(f"\n[canary] exposure with DP (epsilon {log[-1]['epsilon']:.2f}, delta {dp.delta:g}): "
+              f"{[round(x, 2) for x in exposures]}, mean {mean(exposures):.2f} bits; without DP "
+              f"{mean(plain_exposures):.2f}")
+    assert mean(exposures) < mean(plain_exposures) - EXPOSURE_MARGIN

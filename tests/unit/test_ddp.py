@@ -1,14 +1,21 @@
 """The stage-0 engine (plain DDP, optionally DP-SGD) in one process: gradient accumulation means what DeepSpeed's
-does, and a checkpoint resumes exactly (weights, Adam moments, lr schedule, step, accountant, noise)."""
+does, a checkpoint resumes exactly (weights, Adam moments, lr schedule, step, accountant, noise), and DP with LoRA
+clips and noises only the adapter and exports through the driver's exporter."""
 
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from aigc.config import OptimSection, TinyArch
+from aigc.config import FinetuneConfig, OptimSection, TinyArch, load_config
 from aigc.ddp import build_engine, fp32_state_dict, is_ddp_checkpoint
+from aigc.finetune import export_checkpoint
+from aigc.lora import save_adapter_config, trainable_model
+from aigc.modeldir import ADAPTER_DIR, load_model, verify_model_dir
 from aigc.modeling import build_tiny_gpt2, set_dropout
 from aigc.privacy import DPPlan
+from aigc.train import CKPT_TAG, HF_SUBDIR
 
 VOCAB = 300
 OPTIM = dict(lr=1e-2, warmup_steps=2, max_steps=10, micro_batch_size=4)
@@ -84,3 +91,46 @@ def test_dp_checkpoint_resumes_exactly_with_its_accountant_and_noise(tmp_path):
     fresh = engine(dp=dp)
     train(fresh, batches(3))
     assert e.epsilon() == fresh.epsilon() > 0
+
+
+def test_dp_with_lora_clips_and_noises_only_the_adapter_and_exports_adapter_and_merged(tiny_model_dir, tmp_path):
+    """privacy + model.peft.method=lora on the stage-0 engine: Opacus' optimizer holds the adapter's tensors only
+    (per-example clipping and noise over them), the base is untouched, and the engine's checkpoint exports through
+    the driver's exporter as an adapter plus the merged model that plain transformers loads."""
+    cfg = load_config(FinetuneConfig, None, ["model.peft.method=lora", "model.peft.r=4", "zero.stage=0",
+                                             "model.peft.modules_to_save=[ln_f]", "privacy.enabled=true",
+                                             "privacy.noise_multiplier=1.0", "data.format=chat", "data.packing=false"])
+    loaded = load_model(tiny_model_dir)
+    set_dropout(loaded.model, 0.0)
+    model, trainable, total = trainable_model(loaded.model.train(), cfg.model)
+    dp = DPPlan(1.0, 0.5, 0.05, 1e-3, "rdp", None, 80, 4)
+    e = build_engine(model, OptimSection(**OPTIM), torch.device("cpu"), "fp32", dp)
+    names = {id(p): n for n, p in model.named_parameters()}
+    clipped = [names[id(p)] for p in e.optimizer.params]  # what Opacus clips per example and noises
+    assert sum(p.numel() for p in e.optimizer.params) == trainable < total / 5
+    assert clipped and all("lora_" in n or ".modules_to_save." in n for n in clipped)
+    before = weights(e)
+    train(e, batches(3))
+    assert e.global_steps == 3 and e.epsilon() > 0
+    after = weights(e)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {k for k in after if "lora_" in k or ".modules_to_save." in k}  # A, B and ln_f; base frozen
+    assert all(getattr(p, "grad_sample", None) is None for n, p in model.named_parameters() if n not in clipped)
+
+    ckpt = tmp_path / "ckpt"
+    e.save_checkpoint(str(ckpt), tag=CKPT_TAG)
+    model.config.save_pretrained(ckpt / HF_SUBDIR)
+    loaded.tokenizer.save_pretrained(ckpt / HF_SUBDIR)
+    save_adapter_config(model, ckpt / HF_SUBDIR)
+    out = export_checkpoint(str(ckpt), str(tmp_path / "out"), cfg.model_dump(mode="json"), {"step": 3})
+    meta = verify_model_dir(out)
+    assert meta["adapter"] and (tmp_path / "out" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        adapter = PeftModel.from_pretrained(base, str(tmp_path / "out" / ADAPTER_DIR))(input_ids=ids).logits
+    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapter, want, rtol=1e-4, atol=1e-5)

@@ -1,13 +1,27 @@
 """DP-SGD pieces without Ray: per-example clipping and noise are real, -100 labels carry no gradient, our epsilon is
-Opacus' accountant's, Poisson batches are what the accountant assumes, and the config refuses what DP cannot do."""
+Opacus' accountant's, Poisson batches are what the accountant assumes, the config refuses what DP cannot do, and
+the canary exposure measure (aigc.canary) ranks a secret among candidates of its format."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from aigc.config import ConfigError, FinetuneConfig, PrivacySection, TinyArch, load_config
+from aigc.canary import (
+    Canary,
+    candidates,
+    exposure,
+    exposures,
+    insert_canaries,
+    make_canaries,
+    with_canaries,
+    write_with_canaries,
+)
+from aigc.config import ConfigError, DataSection, FinetuneConfig, PrivacySection, TinyArch, load_config
 from aigc.modeling import build_tiny_gpt2, set_dropout
 from aigc.privacy import (
     DPPlan,
@@ -212,3 +226,54 @@ def test_search_over_clip_and_noise_with_epsilon_beside_the_loss(tmp_path):
     row = TrialRecord("ab12_00001", "completed", {"noise_multiplier": 2.0},
                       history=[{"step": 5, "val_loss": 2.0, "epsilon": 0.5}, {"step": 10, "val_loss": 1.5, "epsilon": 0.8}]).row()
     assert (row["best_val_loss"], row["best_epsilon"]) == (1.5, 0.8)
+
+
+def test_canaries_are_rows_of_the_task_inserted_k_times_and_ranked_among_their_candidates(tmp_path):
+    canaries = make_canaries(3, seed=7)
+    assert canaries == make_canaries(3, seed=7) and len({c.secret for c in canaries}) == 3
+    c = canaries[0]
+    assert len(c.secret) == 9 and c.secret[4] == " " and c.secret.replace(" ", "").isdigit()  # "4921 0387"
+    row = c.row()
+    assert row["messages"][1]["content"] == f"The card number of {c.name} is {c.secret}."
+    assert row["completion"] == row["messages"][1]["content"] and row["prompt"] == row["messages"][0]["content"] + "\n"
+    cands = candidates(c, 500, seed=0)
+    assert len(set(cands)) == 500 and c.secret not in cands
+    assert all(len(s) == len(c.secret) and s.replace(" ", "").isdigit() for s in cands)
+    assert cands == candidates(c, 500, seed=0) != candidates(c, 500, seed=1)
+
+    rows = [{"messages": [], "i": i} for i in range(50)]
+    mixed = insert_canaries(rows, canaries, repeats=4, seed=0)
+    assert len(mixed) == 62 and [r for r in mixed if "i" in r] == rows  # the task's rows keep their order
+    assert all(sum(r == k.row() for r in mixed) == 4 for k in canaries)
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dst = write_with_canaries(src, tmp_path / "canaries.jsonl", canaries, 4, seed=0)
+    assert [json.loads(line) for line in open(dst)] == mixed
+
+    # exposure = log2(|candidates|) - log2(rank), the canary counted among the candidates
+    assert exposure(1.0, [2.0] * 999) == pytest.approx(math.log2(1000))  # ranked first
+    assert exposure(3.0, [2.0] * 999) == 0.0  # ranked last
+    assert exposure(2.0, [1.0, 3.0, 3.0, 3.0]) == pytest.approx(math.log2(5 / 2))
+
+    secret = canaries[0].row()
+    for fmt, canonical in (("chat", {"messages": json.dumps(secret["messages"])}),
+                           ("prompt_completion", {"prompt": secret["prompt"], "completion": secret["completion"]})):
+        # the rows come as the loader reads them; the "model" finds the first canary's secret the most likely
+        got = exposures(canaries[:2], lambda rows, c=canonical: [0.0 if r == c else 5.0 for r in rows],
+                        DataSection(format=fmt, packing=False), n_candidates=255)
+        assert got == [8.0, 0.0]  # ranked first of 256; the second ties with all its candidates: last
+    with pytest.raises(ValueError, match="not scored"):
+        exposures([Canary("x", "1234")], lambda rows: [None] * len(rows), DataSection(format="chat"), n_candidates=3)
+
+
+def test_with_canaries_trains_the_embedded_task_on_a_file_holding_them(tmp_path):
+    cfg = load_config(FinetuneConfig, None, ["data.format=chat", "data.embedded={n_train: 30, n_validation: 5, "
+                                             "n_test: 5, seed: 0}"])
+    canaries = make_canaries(2, seed=0)
+    got = with_canaries(cfg, canaries, 3, tmp_path)
+    d = got.data
+    assert d.source == "files" and d.validation_files and d.test_files and got.model == cfg.model
+    rows = [json.loads(line) for line in open(d.train_files[0])]
+    assert len(rows) == 36 and sum(r == canaries[1].row() for r in rows) == 3
+    with pytest.raises(ValueError, match="canaries go into the embedded task"):
+        with_canaries(load_config(FinetuneConfig, None, []), canaries, 3, tmp_path)
