@@ -244,23 +244,30 @@ def refresh(argv: list[str] | None = None, prog: str | None = None, doc: str | N
 
         return run_refresh(cfg)
 
+    done = _refresh_job(argv, run, prog=prog, description=doc or inspect.getdoc(refresh),
+                        config_help_text="refresh YAML: refresh, finetune, deploy, tracking, drift sections",
+                        example="refresh.min_gain=0.02")
+    if isinstance(done, int):
+        return done
+    cfg, results = done
+    for r in results:
+        print(f"[aigc] refresh: {r.outcome}" + (f" {r.model}" if r.model else "") + f"; serving {r.served}")
+    _serve_on(cfg)
+    return 0
+
+
+def _refresh_job(argv: list[str] | None, run: Any, **kw: Any) -> tuple[Any, Any] | int:
+    """`config_job` over a RefreshConfig, or the exit code: 3 when another cycle holds the storage root's lock
+    (a scheduler may simply try again later), 2 for a bad config or a refresh error."""
     try:
-        done = config_job(argv, RefreshConfig, run, prog=prog, description=doc or inspect.getdoc(refresh),
-                          config_help_text="refresh YAML: refresh, finetune, deploy, tracking, drift sections",
-                          example="refresh.min_gain=0.02")
+        done = config_job(argv, RefreshConfig, run, **kw)
     except RefreshBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except RefreshError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if done is None:
-        return 2
-    cfg, results = done
-    for r in results:
-        print(f"[aigc] refresh: {r.outcome}" + (f" {r.model}" if r.model else "") + f"; serving {r.served}")
-    _serve_on(cfg)
-    return 0
+    return 2 if done is None else done
 
 
 def rollback(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> int:
@@ -281,20 +288,12 @@ def rollback(argv: list[str] | None = None, prog: str | None = None, doc: str | 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--to", default=None)
     known, rest = pre.parse_known_args(argv)
-    try:
-        done = config_job(rest, RefreshConfig, run, prog=prog,
-                          description=doc or inspect.getdoc(rollback),
-                          config_help_text="the refresh's YAML (its storage root and deploy section); --to MODEL "
-                                           "names the model to serve (default: the one served before)",
-                          example="refresh.storage_path=/mnt/shared/refresh")
-    except RefreshBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except RefreshError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if done is None:
-        return 2
+    done = _refresh_job(rest, run, prog=prog, description=doc or inspect.getdoc(rollback),
+                        config_help_text="the refresh's YAML (its storage root and deploy section); --to MODEL "
+                                         "names the model to serve (default: the one served before)",
+                        example="refresh.storage_path=/mnt/shared/refresh")
+    if isinstance(done, int):
+        return done
     cfg, rec = done
     print(f"[aigc] rollback: serving {rec['model']} ({rec['fingerprint']}) from {rec['dir']}")
     _serve_on(cfg)
