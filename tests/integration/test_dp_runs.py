@@ -20,10 +20,11 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 # 4 canaries x 10 copies among 100 task rows; a canary ranked first of 1,000 has exposure log2(1000) = 9.97 bits,
-# one at a random rank ~1.4. Runs made for this test (mean over the 4 canaries, plain vs DP at sigma 1.0):
-# see EXPOSURE_MARGIN.
+# one at a random rank ~1.4 (the base alone gives these canaries 1.2). Measured in two runs of this file (the same
+# both times: same seeds): plain [4.68, 9.97, 8.38, 6.80], mean 7.46; DP at sigma 1.0, epsilon 2.09 at delta 1e-3,
+# [0.34, 1.09, 2.94, 2.40], mean 1.69. In-process runs of the same recipe with other seeds: plain 6.5-10, DP 1.6-4.
 CANARIES, REPEATS, CANDIDATES = make_canaries(4, seed=0), 10, 999
-EXPOSURE_MARGIN = 4.0  # bits: plain mean minus DP mean, measured 0.0 and 0.0 in two runs of this file
+EXPOSURE_MARGIN = 4.0  # bits between the plain mean and the DP mean (measured 5.8)
 
 
 def task_cfg(embedded_base, tmp_path: Path, name: str, max_steps: int, *extra: str) -> FinetuneConfig:
