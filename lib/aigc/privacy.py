@@ -38,6 +38,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
 from aigc.config import PrivacySection
+from aigc.data import expand
 
 IGNORE_INDEX = -100
 
@@ -165,6 +166,8 @@ class PoissonBatches:
         """Read a worker's whole Ray Data shard into tensors once."""
         parts = list(shard.iter_torch_batches(batch_size=4096, dtypes=torch.long))
         rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if "ids" in rows:  # compact rows (aigc.splits): the model columns, labels included, built once here
+            rows = expand(rows)
         return cls(rows, sample_rate, grad_accum, seed, rank)
 
     def sample(self, epoch: int, step: int) -> torch.Tensor:
