@@ -3,14 +3,16 @@ memory, final task quality (completion loss / the exact floor, validity, fidelit
 epsilon 8 and epsilon 1, printed as ratios DP / plain.
 
     .venv/bin/python bench/dp_vs_nondp.py                                    # jobs/configs/tiny-cpu.yaml, 3 runs
-    .venv/bin/python bench/dp_vs_nondp.py --examples 50 optim.max_steps=100  # smaller
+    .venv/bin/python bench/dp_vs_nondp.py --examples 50 optim.max_steps=150 eval.every_steps=50 \
+        "data.embedded={n_train: 1000, n_validation: 100, n_test: 100, seed: 0}"      # the README's figures
 
 Every run trains on the embedded task's train split with `--canaries` made-up card numbers inserted `--repeats`
-times each (`aigc.canary`), at zero.stage=0 and data.packing=false (what DP needs), so the runs differ only in
-DP-SGD. The plain run is the config as given (full fine-tuning); the DP runs add `--dp` (default: LoRA rank 8 on
-every linear layer, lr 1e-2: a few parameters to clip and noise, the issue's practical pairing) and
+times each (`aigc.canary`), at zero.stage=0 and data.packing=false (what DP needs), on the same data and seed.
+The plain run is the config as given (full fine-tuning); the DP runs add `--dp` (default: LoRA rank 8 on every
+linear layer, lr 1e-2: a few parameters to clip and noise, the issue's practical pairing) and
 privacy.target_epsilon 8 and 1 (the noise multiplier calibrated so optim.max_steps spend it). Exposure is each
-canary's rank among `--candidates` random secrets of its format under the best model, in bits (log2 of the
+canary's rank among `--candidates` random secrets of its format under the best model (quality too; epsilon
+is what the whole run spent, the best step's is in its aigc.json), in bits (log2 of the
 candidates = ranked first; ~1.4 = never seen); the base's exposure to the same canaries is printed beside it
 (a pre-trained model's prior over digits already favours some secrets). tokens/s and peak RSS are
 `bench/lora_vs_full.py`'s `measure`.
@@ -30,7 +32,7 @@ from task_quality import check
 
 from aigc.canary import make_canaries, model_exposures, with_canaries
 from aigc.config import FinetuneConfig, load_config
-from aigc.finetune import BEST_DIR, init_ray, read_metrics_log, run_dir_of
+from aigc.finetune import BEST_DIR, clean_run, init_ray, read_metrics_log, run_dir_of
 from aigc.pretrain import ensure_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +60,12 @@ def main() -> None:
     def run(name: str, *extra: str) -> dict[str, float]:
         cfg = with_canaries(load_config(FinetuneConfig, a.config, [*common, *extra, f"run.name=bench-dp-{name}"]),
                             canaries, a.repeats, data_dir)
+        clean_run(cfg)  # a run of the same name would resume from its last checkpoint: no training to measure
         out = measure(cfg)
         out.pop("optimizer_mb")  # ZeRO's optimizer files; the DDP engine keeps one state file
         exposures = model_exposures(run_dir_of(cfg) / BEST_DIR, canaries, cfg.data, a.candidates)
         out["exposure_bits"] = sum(exposures) / len(exposures)
-        out["epsilon"] = read_metrics_log(run_dir_of(cfg))[-1].get("epsilon", float("inf"))
+        out["epsilon_spent"] = read_metrics_log(run_dir_of(cfg))[-1].get("epsilon", float("inf"))  # the whole run
         print(f"[bench] {name}: exposures {[round(x, 2) for x in exposures]}", flush=True)
         return out
 
@@ -74,9 +77,9 @@ def main() -> None:
     print(f"\n== DP-SGD vs plain fine-tuning ({a.examples} test briefs, {a.canaries} canaries x {a.repeats}, "
           f"{a.candidates + 1} candidates each; {time.time() - t0:.0f} s) ==")
     print(f"{'':20} {'plain':>10} {'DP eps 8':>10} {'DP eps 1':>10} {'eps8/plain':>11} {'eps1/plain':>11}")
-    for k in ("epsilon", *SHOWN):
+    for k in ("epsilon_spent", *SHOWN):
         v, e8, e1 = plain[k], dp[8.0][k], dp[1.0][k]
-        ratios = [x / v if v and k != "epsilon" else float("nan") for x in (e8, e1)]
+        ratios = [x / v if v and k != "epsilon_spent" else float("nan") for x in (e8, e1)]
         print(f"{k:20} {v:>10.3f} {e8:>10.3f} {e1:>10.3f} {ratios[0]:>11.3f} {ratios[1]:>11.3f}")
     print(f"{'base exposure_bits':20} {sum(base) / len(base):>10.3f}   (the pre-trained base, never fine-tuned)\n")
     for eps in (8.0, 1.0):
