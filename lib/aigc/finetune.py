@@ -254,7 +254,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, 
 def _export_task(checkpoint: Any, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
     """Export on whichever node the task runs: into `out_dir`, or for an object-store URI into a temp folder that
     is then published there (visible once complete)."""
-    with checkpoint.as_directory() as d:
+    with storage.checkpoint_dir(checkpoint) as d:
         if not storage.is_uri(out_dir):
             return export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra)
         with tempfile.TemporaryDirectory() as tmp:

@@ -21,12 +21,13 @@ Imports no Ray, torch or FastAPI: config validation uses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -250,6 +251,23 @@ def download_dir(location: str | os.PathLike, local: str | os.PathLike, *, exclu
         target = os.path.join(dest, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         _call(s, "download", lambda rel=rel, target=target: _copy_stream(fs, f"{path}/{rel}", target))
+
+
+@contextlib.contextmanager
+def checkpoint_dir(checkpoint: Any) -> Iterator[str]:
+    """A Ray Train checkpoint (anything with `.filesystem` and `.path`) as a local directory: its own folder when
+    local, else a private download, removed on exit. Not `Checkpoint.as_directory`: that copy is shared per node
+    by checkpoint id, and a reader arriving after the first download has finished downloads again in place, so a
+    second reader of one checkpoint (two ranks resuming, best == final exported at once) can read the first's
+    files half rewritten."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="aigc-ckpt-") as tmp:
+        _call(str(checkpoint.path), "download", lambda: pafs.copy_files(
+            checkpoint.path, tmp, source_filesystem=checkpoint.filesystem,
+            destination_filesystem=pafs.LocalFileSystem()))
+        yield tmp
 
 
 def _copy_stream(fs: pafs.FileSystem, src: str, target: str, chunk: int = 1 << 22) -> None:

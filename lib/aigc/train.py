@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from aigc import console
+from aigc import console, storage
 from aigc.config import FinetuneConfig, expand
 from aigc.data import model_inputs, train_batches
 from aigc.ddp import build_engine
@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              "tokens_seen": 0, "train_seconds": 0.0, "stopped_early": False}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        with ckpt.as_directory() as d:
+        with storage.checkpoint_dir(ckpt) as d:  # each rank its own copy
             _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
         # DeepSpeed returns its own metadata keys in client_state too; take back only ours
         state.update({k: v for k, v in (client_state or {}).items() if k in state})

@@ -131,3 +131,22 @@ def test_configs_take_object_store_uris_and_name_the_package_a_scheme_needs():
     with pytest.raises(ConfigError, match=r"run.storage_path: abfs://c/p: no filesystem for the abfs:// scheme "
                                           r"\(install adlfs\)"):
         load_config(FinetuneConfig, None, ["run.storage_path=abfs://c/p"])
+
+
+def test_each_reader_of_a_stored_checkpoint_gets_its_own_complete_copy(s3_dir, tmp_path):
+    """Two readers of one checkpoint at once (two ranks resuming, best == final exported): neither's copy is
+    touched by the other's download, and each is gone when its reader is done; a local one is read in place."""
+    storage.write_bytes(storage.join(s3_dir, "ckpt", "ds", "optim.pt"), b"x" * 5000)
+    storage.write_text(storage.join(s3_dir, "ckpt", "metrics.json"), "{}")
+    fs, path = storage.resolve(storage.join(s3_dir, "ckpt"))
+    ckpt = type("Checkpoint", (), {"filesystem": fs, "path": path})()  # what it reads of a ray.train.Checkpoint
+    with storage.checkpoint_dir(ckpt) as a:
+        with open(os.path.join(a, "ds", "optim.pt"), "rb") as held:
+            with storage.checkpoint_dir(ckpt) as b:
+                assert a != b and held.read() == b"x" * 5000
+                assert sorted(os.listdir(b)) == ["ds", "metrics.json"]
+    assert not os.path.exists(a) and not os.path.exists(b)
+    local = type("Checkpoint", (), {"filesystem": storage.pafs.LocalFileSystem(), "path": str(tmp_path)})()
+    with storage.checkpoint_dir(local) as d:
+        assert d == str(tmp_path)
+    assert tmp_path.exists()

@@ -120,6 +120,17 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
+def _refused(owner: Any, request: Request, route: str, t0: float) -> JSONResponse | None:
+    """The key check of a route that generates nothing (`owner`: a ModelServer or Router, with `keys` and
+    `metrics`): None when authorized, else the 401, counted."""
+    try:
+        authorize(request.headers, owner.keys)
+    except ApiError as e:
+        owner.metrics.record(route, e.status, time.perf_counter() - t0, e.type)
+        return error_response(e)
+    return None
+
+
 def _generation_failed() -> ApiError:
     return ApiError(500, "internal error while generating", type_="server_error")
 
@@ -519,11 +530,8 @@ class ModelServer(ModelCore):
     @api.get("/v1/models")
     async def models(self, request: Request):
         t0 = time.perf_counter()
-        try:
-            authorize(request.headers, self.keys)
-        except ApiError as e:
-            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
-            return error_response(e)
+        if (refused := _refused(self, request, "/v1/models", t0)) is not None:
+            return refused
         self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
         return self.model_list()
 
@@ -614,11 +622,8 @@ class Router:
     @router_api.get("/v1/models")
     async def models(self, request: Request):
         t0 = time.perf_counter()
-        try:
-            authorize(request.headers, self.keys)
-        except ApiError as e:
-            self.metrics.record("/v1/models", e.status, time.perf_counter() - t0, e.type)
-            return error_response(e)
+        if (refused := _refused(self, request, "/v1/models", t0)) is not None:
+            return refused
         body = await self.model.model_list.remote()
         self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
         return body
