@@ -251,16 +251,21 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, config: dict, metrics: dict, 
     return out_dir
 
 
-def _export_task(checkpoint: Any, out_dir: str, config: dict, metrics: dict, **extra: Any) -> str:
-    """Export on whichever node the task runs: into `out_dir`, or for an object-store URI into a temp folder that
-    is then published there (visible once complete)."""
+def _export_task(checkpoint: Any, exports: list[tuple[str, dict, dict]], config: dict) -> list[str]:
+    """Export one checkpoint on whichever node the task runs, once per `(out_dir, metrics, extra)` (best and final are
+    often the same checkpoint: one task, one download, one import of DeepSpeed): into `out_dir`, or for an
+    object-store URI into a temp folder that is then published there (visible once complete)."""
+    out = []
     with storage.checkpoint_dir(checkpoint) as d:
-        if not storage.is_uri(out_dir):
-            return export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "model")
-            export_checkpoint(d, local, config, metrics, source_checkpoint=checkpoint.path, **extra)
-            return storage.publish_dir(local, out_dir)
+        for out_dir, metrics, extra in exports:
+            if not storage.is_uri(out_dir):
+                out.append(export_checkpoint(d, out_dir, config, metrics, source_checkpoint=checkpoint.path, **extra))
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "model")
+                export_checkpoint(d, local, config, metrics, source_checkpoint=checkpoint.path, **extra)
+                out.append(storage.publish_dir(local, out_dir))
+    return out
 
 
 def _read_docs(path: str, limit: int = 1000) -> list[dict[str, Any]] | None:
@@ -367,10 +372,13 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     best_dir, final_dir = str(run_dir / BEST_DIR), str(run_dir / FINAL_DIR)
     targets = {d: storage.join(loc, d) if remote else str(run_dir / d) for d in (BEST_DIR, FINAL_DIR)}
     dp_meta = {"privacy": dp.to_dict()} if dp else {}  # aigc.json: the plan beside the metrics' epsilon and delta
-    ray.get([export.remote(best_ckpt, targets[BEST_DIR], cfg_dict, best_metrics, role="best", run=cfg.run.name,
-                           **dp_meta),
-             export.remote(result.checkpoint, targets[FINAL_DIR], cfg_dict, final_metrics, role="final",
-                           run=cfg.run.name, **dp_meta)])
+    meta = {"run": cfg.run.name, **dp_meta}
+    best_export = (targets[BEST_DIR], best_metrics, {"role": "best", **meta})
+    final_export = (targets[FINAL_DIR], final_metrics, {"role": "final", **meta})
+    if best_ckpt.path == result.checkpoint.path:
+        ray.get(export.remote(best_ckpt, [best_export, final_export], cfg_dict))
+    else:
+        ray.get([export.remote(best_ckpt, [best_export], cfg_dict), export.remote(result.checkpoint, [final_export], cfg_dict)])
     if remote:  # the driver evaluates and samples its own verified copies
         for d in (BEST_DIR, FINAL_DIR):
             shutil.rmtree(run_dir / d, ignore_errors=True)  # a previous attempt's copy

@@ -26,16 +26,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+if TYPE_CHECKING:  # opacus (and the scipy it pulls in, ~1 s) is imported where DP runs, not by every worker
+    from opacus import GradSampleModule
+    from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
 
 from aigc.config import PrivacySection
 from aigc.data import expand
@@ -81,6 +81,8 @@ def plan(p: PrivacySection, n_examples: int, world_size: int, batch_per_worker: 
     delta = p.delta or default_delta(n)
     sigma = p.noise_multiplier
     if sigma is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
         try:
             sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=delta, sample_rate=q,
                                          steps=steps, accountant=p.accountant)
@@ -92,6 +94,8 @@ def plan(p: PrivacySection, n_examples: int, world_size: int, batch_per_worker: 
 
 def make_accountant(name: str, history: list | None = None) -> IAccountant:
     """An Opacus accountant ("rdp" or "prv"), optionally holding a history of (sigma, q, steps) entries."""
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=name)
     acc.history = [tuple(h) for h in history or []]
     return acc
@@ -135,6 +139,10 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: D
     wrapped for per-example gradients (after DPDDP, which broadcasts rank 0's weights), the clipping and noising
     optimizer (the distributed one adds the noise on rank 0 only, then sums over workers), the accountant the
     optimizer steps, and the noise's generator (its state goes into checkpoints for an exact resume)."""
+    from opacus import GradSampleModule
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
     module = GradSampleModule(DPDDP(model) if distributed else model, loss_reduction="mean")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -438,6 +437,8 @@ def hub_files(cfg: DataSection) -> dict[str, list[str]]:
     """A hub dataset's splits as Parquet files beside its `datasets` cache (written once, streamed from the
     memory-mapped cache), so that hub data takes the same file path as local files."""
     try:
+        import datasets  # only for hub data (~1 s to import: not in every Train worker)
+
         dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
     except Exception as e:
         raise DataError(f"data.hub_name={cfg.hub_name!r}: cannot load: {type(e).__name__}: {e}") from None

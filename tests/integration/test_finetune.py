@@ -131,9 +131,18 @@ def own_train_workers() -> list:
             if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
-    cfg = tiny_cfg(tmp_path, "kill", "optim.max_steps=80", "eval.every_steps=10", "scaling.max_failures=2",
-                   "run.evaluate=false", "run.samples=0", "tracking.enabled=false")
+# LoRA under ZeRO-2 with the optimizer state offloaded to host memory (DeepSpeedCPUAdam): the other LoRA runs are
+# ZeRO-3 (tests/integration/test_lora_zero3.py), and no other test runs offload on a CPU machine
+LORA_OFFLOAD = ["model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.train_top_n_blocks=0",
+                "optim.lr=1e-2", "zero.stage=2", "zero.offload_optimizer=true"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora_zero2_offload"])
+def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path, mode):
+    steps = 80 if mode == "full" else 40
+    cfg = tiny_cfg(tmp_path, "kill", f"optim.max_steps={steps}", "eval.every_steps=10", "scaling.max_failures=2",
+                   "run.evaluate=false", "run.samples=0", "tracking.enabled=false",
+                   *(LORA_OFFLOAD if mode != "full" else []))
     run_dir = tmp_path / "kill"
     killed: list[int] = []
 
@@ -154,10 +163,19 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path):
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     log = read_metrics_log(result.run_dir)
-    assert log[-1]["step"] == 80 and result.final_dir
-    steps = [r["step"] for r in log]
-    assert steps == sorted(steps) and steps[0] == 10  # restarted from the last checkpoint, never from 0
-    assert verify_model_dir(result.final_dir)["step"] == 80
+    assert log[-1]["step"] == steps and result.final_dir
+    done = [r["step"] for r in log]
+    assert done == sorted(done) and done[0] == 10  # restarted from the last checkpoint, never from 0
+    meta = verify_model_dir(result.final_dir)
+    assert meta["step"] == steps
+    if mode != "full":  # the adapter survived the restart and trained on: every B moved off its zero init
+        from safetensors.torch import load_file
+
+        from aigc.modeldir import ADAPTER_DIR, ADAPTER_WEIGHTS
+        adapter = load_file(Path(result.final_dir) / ADAPTER_DIR / ADAPTER_WEIGHTS)
+        b = [t for k, t in adapter.items() if "lora_B" in k]
+        assert b and all(t.numel() and t.abs().max() > 0 for t in b) and log[-1]["val_loss"] < log[0]["val_loss"]
+        assert log[-1]["trainable_params"] < 0.2 * log[-1]["total_params"]
     # tracking.enabled=false: no MLflow store, artifacts or run record anywhere (nor MLflow's default ./mlruns)
     left = {p.name for p in tmp_path.rglob("*")} & {"mlflow.db", "mlartifacts", "mlruns", "mlflow_run.json"}
     assert not left and not (Path.cwd() / "mlruns").exists()
