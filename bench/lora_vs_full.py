@@ -16,6 +16,7 @@ Targets (issue 11): LoRA within 10% of full fine-tuning's task quality with <= 5
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -84,7 +85,9 @@ def main() -> None:
 
     t0 = time.time()
     init_ray()
-    common = [f"eval.task_examples={a.examples}", "run.samples=0", *a.overrides]
+    # runs of their own in a fresh folder: a rerun must not resume an earlier one (its RSS and speed unmeasured)
+    runs = tempfile.mkdtemp(prefix="aigc-bench-lora-")
+    common = [f"eval.task_examples={a.examples}", "run.samples=0", f"run.storage_path={runs}", *a.overrides]
     full = measure(load_config(FinetuneConfig, a.config, [*common, "run.name=bench-lora-vs-full-full"]))
     lora = measure(load_config(FinetuneConfig, a.config, [*common, *a.lora, "run.name=bench-lora-vs-full-lora"]))
 

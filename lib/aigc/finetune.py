@@ -339,6 +339,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     init_ray()
     tracked = start_tracking(cfg, run_dir)
     base, packed = prepared.base, prepared.packed
+    if remote and Path(base) == run_dir / BASE_DIR:  # a base built here: every node reads the bucket's copy
+        base = storage.join(loc, BASE_DIR)
 
     sc = cfg.scaling
     dp = plan_privacy(cfg, packed.blocks["train"])  # before any worker: a budget the steps would pass stops here
@@ -389,8 +391,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
     out = FinetuneResult(str(run_dir), best_dir, final_dir, dict(result.metrics), dict(best_metrics),
                          data=prepared.data_info, location=storage.redact(loc) if remote else None)
     task = task_eval_inputs(cfg, prepared.splits)
-    if cfg.run.evaluate:
-        out.evaluation = evaluate_against_base(cfg, prepared, best_dir, task)
+    if cfg.run.evaluate:  # the tasks read the bucket's copies of an object-store run's models (any node)
+        out.evaluation = evaluate_against_base(cfg, prepared, best_dir, task, base=base,
+                                               read_from=targets[BEST_DIR] if remote else None)
     if cfg.run.samples:
         out.samples = sample_generations(best_dir, cfg.run.samples, task=task)
         for s in out.samples:
@@ -436,17 +439,20 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
     if cfg.data.source == "embedded" and cfg.data.format == "text":
         docs = _read_docs(ensure_embedded_corpus(cfg.data)["test"])
     remote = ray.remote(evaluate_model).options(**_remote_options(cfg))
-    base_is_aigc = os.path.isfile(os.path.join(base, "aigc.json"))
+    base_is_aigc = storage.exists(storage.join(base, METADATA)) if storage.is_uri(base) else os.path.isfile(
+        os.path.join(base, METADATA))
     test, task_ref = packed.datasets["test"], ray.put(task)  # the test rows travel once, not once per model
     before, after = ray.get([remote.remote(base, test, docs, base_is_aigc, task=task_ref),
                              remote.remote(tuned, test, docs, True, task=task_ref)])
     return {"base": before, "finetuned": after}
 
 
-def evaluate_against_base(cfg: FinetuneConfig, prepared: Prepared, tuned: str, task: TaskEval | None) -> dict:
-    """`evaluate_before_after` of `tuned` against the prepared base, recorded in `tuned`'s aigc.json and printed:
-    what a run does with its best model and a search with its winner."""
-    ev = evaluate_before_after(cfg, prepared.base, tuned, prepared.packed, task)
+def evaluate_against_base(cfg: FinetuneConfig, prepared: Prepared, tuned: str, task: TaskEval | None, *,
+                          base: str | None = None, read_from: str | None = None) -> dict:
+    """`evaluate_before_after` of `tuned` against the prepared base (or `base`, where the tasks load it), recorded
+    in `tuned`'s aigc.json and printed: what a run does with its best model and a search with its winner. The
+    tasks load `read_from` when given (an object-store copy of `tuned`, which may be on another node)."""
+    ev = evaluate_before_after(cfg, base or prepared.base, read_from or tuned, prepared.packed, task)
     record_evaluation(tuned, ev)
     print_comparison(ev)
     return ev

@@ -31,6 +31,8 @@ from typing import Any
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from aigc import storage
+
 METADATA = "aigc.json"
 FORMAT = "aigc-model/1"
 # Pickle-based formats run code on load; a served model must never need them.
@@ -39,6 +41,7 @@ ADAPTER_DIR = "adapter"  # a LoRA adapter's files, inside a model directory
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The full model's weight files (one, or transformers' shards); what a base's fingerprint covers.
 WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+MODEL_CACHE = "~/.cache/aigc/models"  # this node's verified copies of object-store model directories
 
 
 class ModelDirError(ValueError):
@@ -61,11 +64,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def local_dir(path: str | os.PathLike) -> str:
+    """`path` itself, or for an object-store URI (a published model directory, `aigc.storage`) this node's verified
+    copy in MODEL_CACHE, keyed by the files' fingerprint: downloaded once per fingerprint into a temp folder,
+    verified, then renamed, so a partial download is never used. Every reader of a model directory goes through
+    here (the loader, `fingerprint`, Serve replicas), so a run stored in a bucket needs no shared disk."""
+    path = str(path)
+    if not storage.is_uri(path):
+        return path
+    storage.published_files(path)  # no marker: not (yet) a complete directory
+    meta = json.loads(storage.read_text(storage.join(path, METADATA)))
+    cache = Path(os.path.expanduser(MODEL_CACHE)) / files_fingerprint(meta)
+    return str(storage.fetch_dir(path, cache, verify=verify_model_dir))
+
+
 def fingerprint(name_or_path: str | os.PathLike) -> str:
     """A model's identity: sha256 over its full-model safetensors files' names and sha256s (not the tokenizer
-    or config, which re-saving may reformat). A hub id is read from the local Hugging Face cache. This is what
-    an adapter records of its base; the embedded base's aigc.json `fingerprint` is its recipe's cache key."""
-    root = Path(name_or_path)
+    or config, which re-saving may reformat). A hub id is read from the local Hugging Face cache, a URI from
+    this node's verified copy. This is what an adapter records of its base; the embedded base's aigc.json
+    `fingerprint` is its recipe's cache key."""
+    root = Path(local_dir(name_or_path))
     if not root.is_dir():
         try:
             root = Path(snapshot_download(str(name_or_path), local_files_only=True))
@@ -265,8 +283,11 @@ def load_model(
     hub id or local `save_pretrained` directory (a base model) loads too, still safetensors-only.
 
     An adapter-only directory (exported with `export.merge: false`) loads its recorded base, or `base` when
-    given, verifies that base's fingerprint against the recorded one, and returns the merged model."""
-    path = str(path)
+    given, verifies that base's fingerprint against the recorded one, and returns the merged model. An
+    object-store URI loads from this node's verified copy (`local_dir`) and keeps the URI as the model's name,
+    so what a run records of its base (a LoRA adapter's) names the bucket, not one node's cache."""
+    uri = str(path) if storage.is_uri(path) else None
+    path = local_dir(path)
     is_aigc = os.path.isfile(os.path.join(path, METADATA))
     if is_aigc:
         meta = verify_model_dir(path)
@@ -290,6 +311,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or "auto")
     except OSError as e:
         raise ModelDirError(f"{path}: cannot load with transformers: {e}") from None
+    if uri:
+        model.config.name_or_path = model.name_or_path = uri
     return LoadedModel(model.to(device).eval(), tokenizer, meta, path)
 
 

@@ -35,7 +35,6 @@ latency, time-to-first-token and inter-token latency histograms, batch sizes, qu
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import time
@@ -56,13 +55,12 @@ from aigc import storage
 from aigc.config import ConfigError, expand
 from aigc.generation import max_positions
 from aigc.modeldir import (
-    METADATA,
     ModelDirError,
     files_fingerprint,
     fingerprint,
     load_model,
+    local_dir,
     read_metadata,
-    verify_model_dir,
 )
 from aigc.raycompat import cluster_address
 from aigc.sampling import TokenLogprob
@@ -265,18 +263,9 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
             await s.aclose()
 
 
-MODEL_CACHE = "~/.cache/aigc/models"  # a replica's verified copies of object-store model directories
-
-
 def local_model_dir(model_dir: str) -> str:
-    """`model_dir` itself, or for an object-store URI the replica's verified copy in MODEL_CACHE, keyed by the
-    files' fingerprint (downloaded once per fingerprint, into a temp folder, verified, then renamed: aigc.storage)."""
-    if not storage.is_uri(model_dir):
-        return expand(model_dir)
-    storage.published_files(model_dir)  # no marker: not (yet) a complete directory
-    meta = json.loads(storage.read_text(storage.join(model_dir, METADATA)))
-    cache = os.path.join(expand(MODEL_CACHE), files_fingerprint(meta))
-    return str(storage.fetch_dir(model_dir, cache, verify=verify_model_dir))
+    """`model_dir` itself (~ expanded), or for an object-store URI the replica's verified copy (`modeldir.local_dir`)."""
+    return local_dir(model_dir) if storage.is_uri(model_dir) else expand(model_dir)
 
 
 class ModelCore:
