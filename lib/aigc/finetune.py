@@ -6,7 +6,6 @@ the driver before a Train worker starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from aigc.layout import (
     SUMMARY,
     TRACKING_RECORD,
     read_json_lines,
+    staging_dir,
 )
 from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoint
 from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
@@ -79,13 +79,18 @@ class ReportLog(UserCallback):
     """Appends every report (rank 0's metrics + checkpoint path) to `<run_dir>/metrics.jsonl`, across
     restarts and resumed runs: the learning curve of a run, readable while it trains."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, location: str | None = None):
+        self.path, self.location = path, location  # location: the log's copy in an object-store run
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
+        if self.location:  # in the bucket as it grows: a run stopped early (ASHA, a killed driver) keeps its curve
+            try:
+                storage.write_bytes(self.location, Path(self.path).read_bytes())
+            except storage.StorageError as e:
+                print(f"[aigc] could not copy the metrics log to {storage.redact(self.location)}: {e}", flush=True)
 
 
 class TrackReports(UserCallback):
@@ -133,9 +138,6 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_json_lines(Path(run_dir) / METRICS_LOG)
 
 
-# The driver's local copy of an object-store run's own files (config, metrics log, summary, base, best): written
-# here, published to the bucket (aigc.storage); Ray Train writes its checkpoints to the bucket itself.
-STAGING = "~/.cache/aigc/staging"
 # what a resumed object-store run reads back into its staging folder (not the checkpoints: Train reads those)
 RUN_FILES = (RUN_CONFIG, METRICS_LOG, SUMMARY, TRACKING_RECORD, BASE_DIR)
 
@@ -149,9 +151,7 @@ def run_dir_of(cfg: FinetuneConfig) -> Path:
     """The run's local folder: the run folder itself, or for an object-store run the driver's staging copy
     (keyed by the location, so two buckets' runs of one name stay apart)."""
     loc = run_location(cfg)
-    if not storage.is_uri(loc):
-        return Path(loc)
-    return Path(expand(STAGING)) / hashlib.sha256(loc.encode()).hexdigest()[:12] / cfg.run.name
+    return staging_dir(loc, cfg.run.name) if storage.is_uri(loc) else Path(loc)
 
 
 def pull_run_files(loc: str, run_dir: Path) -> None:
@@ -356,7 +356,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: list[Any] | None = None, prepar
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             logging_config=console.train_logging(),
-            callbacks=[ReportLog(str(run_dir / METRICS_LOG)),
+            callbacks=[ReportLog(str(run_dir / METRICS_LOG), storage.join(loc, METRICS_LOG) if remote else None),
                        *([TrackReports(tracked)] if tracked else []), *(callbacks or [])],
         ),
         datasets=shard_datasets(packed, sc.num_workers),

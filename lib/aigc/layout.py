@@ -31,7 +31,9 @@ report and the fine-tuning driver can all use it without importing each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,17 @@ RUN_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
 SUMMARY = "summary.json"
 BASE_DIR, BEST_DIR, FINAL_DIR = "base", "best", "final"
+
+# The driver's local copy of an object-store run's or search's own files (config, logs, report, models it reads):
+# written here, published to the bucket (aigc.storage); Ray Train and Tune write their own files to the bucket.
+STAGING = "~/.cache/aigc/staging"
+
+
+def staging_dir(location: str, name: str) -> Path:
+    """The staging folder of the object-store run or search at `location`, keyed by the location so that two
+    buckets' runs of one name stay apart."""
+    return Path(os.path.expanduser(STAGING)) / hashlib.sha256(location.encode()).hexdigest()[:12] / name
+
 
 # a search folder
 SEARCH_YAML = "search.yaml"

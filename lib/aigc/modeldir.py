@@ -66,15 +66,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def local_dir(path: str | os.PathLike) -> str:
     """`path` itself, or for an object-store URI (a published model directory, `aigc.storage`) this node's verified
-    copy in MODEL_CACHE, keyed by the files' fingerprint: downloaded once per fingerprint into a temp folder,
-    verified, then renamed, so a partial download is never used. Every reader of a model directory goes through
-    here (the loader, `fingerprint`, Serve replicas), so a run stored in a bucket needs no shared disk."""
+    copy in MODEL_CACHE, keyed by the files' fingerprint and its aigc.json (an identical model recorded with other
+    provenance, or with its evaluation added, is another copy): downloaded once into a temp folder, verified,
+    then renamed, so a partial download is never used. Every reader of a model directory goes through here (the
+    loader, `fingerprint`, Serve replicas), so a run stored in a bucket needs no shared disk."""
     path = str(path)
     if not storage.is_uri(path):
         return path
     storage.published_files(path)  # no marker: not (yet) a complete directory
-    meta = json.loads(storage.read_text(storage.join(path, METADATA)))
-    cache = Path(os.path.expanduser(MODEL_CACHE)) / files_fingerprint(meta)
+    raw = storage.read_bytes(storage.join(path, METADATA))
+    key = f"{files_fingerprint(json.loads(raw))}-{hashlib.sha256(raw).hexdigest()[:8]}"
+    cache = Path(os.path.expanduser(MODEL_CACHE)) / key
     return str(storage.fetch_dir(path, cache, verify=verify_model_dir))
 
 

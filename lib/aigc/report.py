@@ -20,12 +20,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from aigc import storage
 from aigc.comparison import comparison_rows, example_lines
-from aigc.layout import PLOTS_DIR, REPORT_HTML, REPORT_MD, TRIALS_CSV
+from aigc.layout import PLOTS_DIR, REPORT_HTML, REPORT_MD, TRIALS_CSV, WINNER_DIR
 from aigc.report_data import TRIAL_SIZE_COLUMNS, TRIAL_TASK_COLUMNS, SearchData, load_search, summary
 from aigc.report_plots import PLOTS, STATUS_COLOURS, draw_plots, fmt
 
@@ -303,10 +304,18 @@ def render(data: SearchData, out_dir: str | os.PathLike) -> dict[str, str]:
     return {name: str(out / name) for name in FILES}
 
 
-def write_report(search_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Report:
-    """Read a search folder and write its report into it (or into `out_dir`)."""
+def write_report(search_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 location: str | None = None) -> Report:
+    """Read a search folder and write its report into it (or into `out_dir`). `location`: where the search is
+    stored when that is not `search_dir` (an object-store search, read from the driver's staging copy): the
+    report names it, and its winner there."""
     data = load_search(search_dir)
-    return Report(data, render(data, out_dir or data.search_dir))
+    out = out_dir or data.search_dir
+    if location:
+        shown = storage.redact(location)
+        data = replace(data, search_dir=shown,
+                       winner=data.winner and {**data.winner, "path": storage.join(shown, WINNER_DIR)})
+    return Report(data, render(data, out))
 
 
 def main(argv: list[str] | None = None) -> int:

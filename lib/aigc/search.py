@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,15 +38,22 @@ from aigc.finetune import (
     prepare,
     run_dir_of,
     run_finetune,
+    run_location,
 )
 from aigc.layout import (
     ASHA_LEDGER,
+    BASE_DIR,
     BEST_DIR,
+    METRICS_LOG,
+    PLOTS_DIR,
+    REPORT_HTML,
+    REPORT_MD,
     RUN_CONFIG,
     SEARCH_YAML,
     TRACKING_RECORD,
     TRIAL_ATTEMPTS,
     TRIAL_DONE,
+    TRIALS_CSV,
     TRIALS_DIR,
     TUNE_DIR,
     TUNE_STATE_GLOB,
@@ -66,7 +75,15 @@ from aigc.pretrain import resolve_base
 from aigc.raycompat import PlacementGroupReaper
 from aigc.report import render_text, write_report
 from aigc.report_data import load_search
-from aigc.search_config import PARAMS, SearchConfig, check_algorithm, search_dir_of, set_param, total_trials
+from aigc.search_config import (
+    PARAMS,
+    SearchConfig,
+    check_algorithm,
+    search_dir_of,
+    search_location,
+    set_param,
+    total_trials,
+)
 
 # ----------------------------------------------------------------------------------------------- space
 
@@ -76,7 +93,7 @@ def trial_config(cfg: SearchConfig, params: dict[str, Any], trial_id: str) -> Fi
     data = cfg.base.model_dump(mode="json")
     for name, value in params.items():
         set_param(data, name, value)
-    data["run"].update(name=trial_run_name(trial_id), storage_path=str(search_dir_of(cfg) / TRIALS_DIR),
+    data["run"].update(name=trial_run_name(trial_id), storage_path=storage.join(search_location(cfg), TRIALS_DIR),
                        evaluate=False, samples=0)
     data["tracking"]["enabled"] = False  # the search's driver tracks each trial as its child run (tuning.TrackTrials)
     return build(FinetuneConfig, data, f"trial {trial_id}")
@@ -148,13 +165,14 @@ class _TrialDriver:
         return {"best_dir": r.best_dir, "best_metrics": r.best_metrics, "final_metrics": r.metrics}
 
 
-def ended_before(sdir: Path, run_dir: Path, trial_id: str) -> str | None:
-    """How a trial ended, when its own files say it has: exported its model, or stopped by ASHA.
+def ended_before(sdir: Path, run_dir: Path, trial_id: str, location: str | None = None) -> str | None:
+    """How a trial ended, when its own files say it has: exported its model, or stopped by ASHA. `location`: the
+    trial run's object-store copy, where its end is recorded too.
 
     Tune saves a trial's end in its experiment state a moment after the trial writes it here; a search
     interrupted in that moment restores the trial as unfinished and starts it again.
     """
-    if (run_dir / TRIAL_DONE).is_file():
+    if (run_dir / TRIAL_DONE).is_file() or (location and storage.exists(storage.join(location, TRIAL_DONE))):
         return "finished"
     if any(s.get("trial_id") == trial_id for s in read_json_lines(sdir / ASHA_LEDGER)):
         return "was stopped by ASHA"
@@ -166,14 +184,19 @@ def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepare
     cfg = SearchConfig.model_validate(search)
     trial_id = tune.get_context().get_trial_id()
     tcfg = trial_config(cfg, params, trial_id)
-    run_dir = run_dir_of(tcfg)
-    ended = ended_before(search_dir_of(cfg), run_dir, trial_id)
+    run_dir, loc = run_dir_of(tcfg), run_location(tcfg)
+    remote = storage.is_uri(loc)
+    ended = ended_before(search_dir_of(cfg), run_dir, trial_id, loc if remote else None)
     if ended:  # Tune was interrupted before it recorded the end: do not train (or export) it again
         print(f"[aigc] trial {trial_id} {ended} before the search was interrupted; not run again", flush=True)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    if remote:  # this node's staging copy may be stale or missing: the bucket has every attempt so far
+        _pull(loc, run_dir, [TRIAL_ATTEMPTS])
     with open(run_dir / TRIAL_ATTEMPTS, "a") as f:  # a retried or resumed trial adds a line
         f.write(json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n")
+    if remote:  # the search's driver reads a bucket's trials from the bucket
+        _push(run_dir, loc, [TRIAL_ATTEMPTS])
     t0 = time.time()
     callback = tuning.ForwardToTune()  # made here, inside the Tune session whose report queue it holds
     driver = ray.remote(_TrialDriver).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
@@ -183,6 +206,47 @@ def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepare
         ray.kill(driver)
     (run_dir / TRIAL_DONE).write_text(json.dumps({"trial_id": trial_id, "params": params,
                                                   "wall_s": time.time() - t0, **out}, indent=2, default=str))
+    if remote:
+        _push(run_dir, loc, [TRIAL_DONE])
+
+
+def _push(local: Path, location: str, names: list[str]) -> None:
+    """These files of a local folder (those that exist; a folder's files, recursively) to the same names under
+    `location`."""
+    for name in names:
+        path = local / name
+        if path.is_dir():
+            storage.upload_dir(path, storage.join(location, name))
+        elif path.is_file():
+            storage.write_bytes(storage.join(location, name), path.read_bytes())
+
+
+def _pull(location: str, local: Path, files: list[str], dirs: tuple[str, ...] = ()) -> None:
+    """These files and folders under `location`, where present, into the same names in `local` (replaced)."""
+    present = set(storage.listdir(location)) if storage.exists(location) else set()
+    for name in set(files) & present:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(storage.read_bytes(storage.join(location, name)))
+    for name in set(dirs) & present:
+        shutil.rmtree(local / name, ignore_errors=True)
+        storage.download_dir(storage.join(location, name), local / name)
+
+
+# The files of an object-store search its driver keeps a staging copy of: its own, Tune's folder, and of each
+# trial run what the report reads (the models stay in the bucket until the winner is exported)
+SEARCH_FILES = [SEARCH_YAML, ASHA_LEDGER, TRACKING_RECORD]
+TRIAL_FILES = [RUN_CONFIG, METRICS_LOG, TRIAL_DONE, TRIAL_ATTEMPTS]
+
+
+def pull_search(location: str, sdir: Path) -> None:
+    """An object-store search's files into its staging folder: to resume it, and to report on it after Tune ran
+    its trials (on any node: their files are in the bucket)."""
+    sdir.mkdir(parents=True, exist_ok=True)
+    _pull(location, sdir, SEARCH_FILES, dirs=(TUNE_DIR,))
+    trials = storage.join(location, TRIALS_DIR)
+    if storage.exists(trials):
+        for run in storage.listdir(trials):
+            _pull(storage.join(trials, run), sdir / TRIALS_DIR / run, TRIAL_FILES)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -266,11 +330,12 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     if problems:
         raise ConfigError(problems, "search config")
     check_algorithm(cfg)
-    if storage.is_uri(cfg.search.storage_path):  # the config takes it (fine-tunes run there); a search not yet
-        raise ConfigError([f"search.storage_path: {storage.redact(cfg.search.storage_path)}: a search on an object "
-                           "store is not supported yet (its trials' folders and report are read with file APIs); "
-                           "use a folder every node shares"], "search config")
-    sdir = search_dir_of(cfg)
+    sdir, loc = search_dir_of(cfg), search_location(cfg)
+    remote = storage.is_uri(loc)
+    if remote:  # an object-store search: its driver works in a staging copy, its trials store in the bucket
+        storage.check_writable(loc)  # a missing or unauthorised bucket fails here, before any trial starts
+        shutil.rmtree(sdir, ignore_errors=True)  # the bucket is the search: start from its files, not a stale copy
+        pull_search(loc, sdir)
     resuming = check_resume(cfg, sdir)
 
     init_ray()
@@ -285,6 +350,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
               "the autoscaler to add " + ", ".join(t.name for t in types), flush=True)
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
+    if remote:
+        _push(sdir, loc, [SEARCH_YAML])
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "
           f"({cfg.search.algorithm}{', ASHA' if cfg.search.asha.enabled else ''}) -> {sdir}", flush=True)
     # search.yaml keeps what was asked for (a resume compares it); the trials fine-tune the resolved base
@@ -293,17 +360,22 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
 
     with PlacementGroupReaper():  # frees the reservations of trials Tune stopped (see its docstring)
         full = prepare(cfg.base, sdir)
+        if remote and Path(full.base) == sdir / BASE_DIR:  # a base built here: the trials' workers read the bucket's
+            if not storage.exists(storage.join(loc, BASE_DIR, storage.MARKER)):
+                storage.publish_dir(sdir / BASE_DIR, storage.join(loc, BASE_DIR))
+            full = replace(full, base=storage.join(loc, BASE_DIR))
         prepared = _share_ready(full, cfg.base.scaling.num_workers)
         check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
             tune.with_parameters(_trial, search=cfg.model_dump(mode="json"), prepared=prepared),
             trial_bundles(cfg.base.scaling)[0],  # the trial's own actor; its Train workers ask for theirs
         )
-        exp = sdir / TUNE_DIR
+        exp = storage.join(loc, TUNE_DIR)  # Tune's own folder: in the bucket for an object-store search
         tuning.SeededVariants.resume_limit = concurrency
-        if resuming and tune.Tuner.can_restore(str(exp)):
-            print(f"[aigc] resuming the search in {exp}: finished trials are kept, unfinished ones continue", flush=True)
-            tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True,
+        if resuming and tune.Tuner.can_restore(exp):
+            print(f"[aigc] resuming the search in {storage.redact(exp)}: finished trials are kept, unfinished ones "
+                  "continue", flush=True)
+            tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True,
                                        resume_errored=cfg.search.resume_errored)
         else:
             search_alg, max_concurrent = tuning.searcher(cfg, concurrency)
@@ -312,24 +384,34 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
                 param_space=tune_space(cfg),
                 tune_config=tune.TuneConfig(
                     metric=tuning.METRIC, mode=tuning.MODE, num_samples=cfg.search.num_samples,
-                    search_alg=search_alg, scheduler=tuning.scheduler(cfg, sdir / ASHA_LEDGER, exp),
+                    search_alg=search_alg, scheduler=tuning.scheduler(cfg, sdir / ASHA_LEDGER, sdir / TUNE_DIR),
                     max_concurrent_trials=max_concurrent, reuse_actors=False,
                     trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
-                    name=TUNE_DIR, storage_path=str(sdir),
+                    name=TUNE_DIR, storage_path=loc,
                     callbacks=[*(tune_callbacks or []), *([tuning.TrackTrials(tracked, sdir / TRIALS_DIR)] if tracked else [])],
                     failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                     verbose=console.tune_verbosity(),  # silent at info: the trial table is printed below
                 ),
             )
         tuner.fit()  # errors are per trial (recorded on disk); Ctrl-C / SIGUSR1 stops it with the state saved
+    if remote:
+        _push(sdir, loc, [ASHA_LEDGER, TRACKING_RECORD])
+        pull_search(loc, sdir)  # Tune's folder and the trials' files, written on whichever nodes ran them
     interrupted = _interrupted(sdir)
 
     winner = None if interrupted else export_winner(cfg, sdir)
+    winner_at = storage.join(loc, WINNER_DIR) if winner and remote else winner
+    if winner and remote:
+        storage.publish_dir(winner, winner_at)
     if winner and cfg.base.run.evaluate:
-        evaluate_winner(cfg.base, full, winner)
-    report = write_report(sdir)
+        evaluate_winner(cfg.base, full, winner, read_from=winner_at if remote else None)
+        if remote:  # its aigc.json now holds the evaluation
+            storage.publish_dir(winner, winner_at)
+    report = write_report(sdir, location=loc if remote else None)
+    if remote:
+        _push(sdir, loc, [REPORT_HTML, REPORT_MD, TRIALS_CSV, PLOTS_DIR])
     if tracked:
         finish_tracking(tracked, sdir, report.files, winner, interrupted)
     data = report.data
@@ -338,7 +420,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     return SearchResult(
         search_dir=str(sdir), trials=[t.row() for t in data.trials], best_trial=best.trial_id if best else None,
         best_params=dict(best.params) if best else {}, best_metrics=dict(best.best_metrics) if best else {},
-        winner_dir=str(winner) if winner else None, report=report.files, interrupted=interrupted,
+        winner_dir=str(winner_at) if winner else None, report=report.files, interrupted=interrupted,
         concurrency=concurrency, resumed=resuming, errors={t.trial_id: t.error for t in data.trials if t.error},
     )
 
@@ -346,7 +428,9 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
 def start_tracking(cfg: SearchConfig, sdir: Path) -> tracking.TrackedRun | None:
     """The search's MLflow run with its config as params (the same MLflow run when the search resumes); its trials
     become child runs (`tuning.TrackTrials`). None when `tracking.enabled` is false."""
-    tracker = tracking.open_tracker(cfg.tracking, cfg.search.storage_path)
+    # an object-store search's default SQLite store lives beside its staging folder, as a fine-tune's does
+    tracker = tracking.open_tracker(cfg.tracking, sdir.parent if storage.is_uri(cfg.search.storage_path)
+                                    else cfg.search.storage_path)
     if tracker is None:
         return None
     return tracker.start_run(cfg.search.name, params=cfg.model_dump(mode="json"), tags={tracking.KIND_TAG: "search"},
@@ -374,12 +458,14 @@ def finish_tracking(run: tracking.TrackedRun, sdir: Path, report: dict[str, str]
              if registered else ""), flush=True)
 
 
-def evaluate_winner(base_cfg: FinetuneConfig, prepared: Prepared, winner: Path) -> None:
+def evaluate_winner(base_cfg: FinetuneConfig, prepared: Prepared, winner: Path, read_from: str | None = None) -> None:
     """The base-vs-winner evaluation (task metrics where the data has them) into the winner's aigc.json, once:
-    trials skip evaluation to stay cheap, and a resumed search whose winner has it already does not redo it."""
+    trials skip evaluation to stay cheap, and a resumed search whose winner has it already does not redo it.
+    `read_from`: the winner's object-store copy, which the evaluation tasks load (they may run on any node)."""
     if "evaluation" in read_metadata(winner):
         return
-    evaluate_against_base(base_cfg, prepared, str(winner), task_eval_inputs(base_cfg, prepared.splits))
+    evaluate_against_base(base_cfg, prepared, str(winner), task_eval_inputs(base_cfg, prepared.splits),
+                          read_from=read_from)
 
 
 def _interrupted(sdir: Path) -> bool:
@@ -396,12 +482,17 @@ def export_winner(cfg: SearchConfig, sdir: Path) -> Path | None:
     best = ranked[0]
     run_dir = sdir / TRIALS_DIR / trial_run_name(best.trial_id)
     best_dir = run_dir / BEST_DIR
+    trial_loc = storage.join(search_location(cfg), TRIALS_DIR, trial_run_name(best.trial_id))
+    remote = storage.is_uri(trial_loc)
     try:
+        if remote:  # the trial's export, from the bucket (verified), when it got that far
+            shutil.rmtree(best_dir, ignore_errors=True)
+            storage.fetch_dir(storage.join(trial_loc, BEST_DIR), best_dir, verify=verify_model_dir)
         meta = verify_model_dir(best_dir)
         if meta.get("step") != best.best_step:
             raise ModelDirError(f"{best_dir}: step {meta.get('step')} is not the best step {best.best_step}")
-    except ModelDirError:
-        _export_best_checkpoint(run_dir, best_dir)  # the trial was stopped before its own export
+    except (ModelDirError, storage.StorageError):
+        _export_best_checkpoint(run_dir, best_dir, trial_loc if remote else None)  # stopped before its own export
     out = copy_model_dir(best_dir, sdir / WINNER_DIR, trial=best.trial_id, search=cfg.search.name,
                          hyperparameters=best.params, metrics=best.best_metrics,
                          search_config=cfg.model_dump(mode="json"), role="winner")
@@ -410,15 +501,25 @@ def export_winner(cfg: SearchConfig, sdir: Path) -> Path | None:
     return out
 
 
-def _export_best_checkpoint(run_dir: Path, best_dir: Path) -> None:
+def _export_best_checkpoint(run_dir: Path, best_dir: Path, location: str | None = None) -> None:
     """Export the lowest-validation-loss checkpoint a Train run kept (ASHA may have stopped it before the
-    driver's own export)."""
+    driver's own export); `location`: the run's object-store folder, where its checkpoints are."""
+    where = location or str(run_dir)
+    names = storage.listdir(where) if storage.exists(where) else []
     ckpts = []
-    for m in run_dir.glob("checkpoint_*/metrics.json"):
-        metrics = json.loads(m.read_text())
-        ckpts.append((metrics.get("val_loss", math.inf), str(m.parent), metrics))
+    for name in (n for n in names if n.startswith("checkpoint_")):
+        m = storage.join(where, name, "metrics.json")
+        if storage.exists(m):
+            metrics = json.loads(storage.read_text(m))
+            ckpts.append((metrics.get("val_loss", math.inf), storage.join(where, name), metrics))
     if not ckpts:
-        raise RuntimeError(f"{run_dir}: no checkpoint to export the winner from")
+        raise RuntimeError(f"{storage.redact(where)}: no checkpoint to export the winner from")
     _, ckpt, metrics = min(ckpts, key=lambda c: c[0])
     config = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
-    export_checkpoint(ckpt, str(best_dir), config, metrics, role="best", run=run_dir.name, source_checkpoint=ckpt)
+    with tempfile.TemporaryDirectory(prefix="aigc-ckpt-") as tmp:
+        local = ckpt
+        if location:
+            local = os.path.join(tmp, "ckpt")
+            storage.download_dir(ckpt, local)
+        export_checkpoint(local, str(best_dir), config, metrics, role="best", run=run_dir.name,
+                          source_checkpoint=storage.redact(ckpt))

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from aigc import storage
 from aigc.config import ConfigError, FinetuneConfig, Strict, TrackingSection, expand
+from aigc.layout import staging_dir
 from aigc.storage import scheme_problem
 
 
@@ -266,9 +268,16 @@ def full_rounds(base: FinetuneConfig) -> int:
     return math.ceil(base.optim.max_steps / base.eval.every_steps)
 
 
+def search_location(cfg: SearchConfig) -> str:
+    """Where the search is stored: `<search.storage_path>/<search.name>`, a local folder or an object-store URI."""
+    return storage.join(expand(cfg.search.storage_path), cfg.search.name)
+
+
 def search_dir_of(cfg: SearchConfig) -> Path:
-    """The search's folder, `<search.storage_path>/<search.name>` (its layout: `aigc.layout`)."""
-    return Path(expand(cfg.search.storage_path)) / cfg.search.name
+    """The search's local folder (its layout: `aigc.layout`): the search folder itself, or for an object-store
+    search the driver's staging copy."""
+    loc = search_location(cfg)
+    return staging_dir(loc, cfg.search.name) if storage.is_uri(loc) else Path(loc)
 
 
 def total_trials(cfg: SearchConfig) -> int:

@@ -5,6 +5,7 @@ loader downloads the model, verified, refusing a tampered object."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -56,8 +57,8 @@ def test_a_replica_loads_the_model_from_the_bucket_and_refuses_a_tampered_object
         build_app({"model_dir": f"{loc}/nothing-here"})
     # the replica's loader, in a Ray worker (the environment Serve replicas get): a verified copy keyed by fingerprint
     path = ray.get(ray.remote(local_model_dir).remote(best))
-    meta = verify_model_dir(path)  # (an earlier run's copy of the same files may serve: its provenance may differ)
-    assert path.endswith(files_fingerprint(meta)) and meta["files"] == verify_model_dir(second.best_dir)["files"]
+    meta = verify_model_dir(path)
+    assert os.path.basename(path).startswith(files_fingerprint(meta)) and meta == verify_model_dir(second.best_dir)
     # same size, other bytes: the marker's sizes agree, the sha256 in aigc.json does not
     tampered = f"{loc}/tampered"
     storage.publish_dir(second.best_dir, tampered)
@@ -67,3 +68,45 @@ def test_a_replica_loads_the_model_from_the_bucket_and_refuses_a_tampered_object
     with pytest.raises(ModelDirError, match="model.safetensors: sha256 mismatch"):
         storage.fetch_dir(tampered, tmp_path / "cache" / "fp", verify=verify_model_dir)
     assert not (tmp_path / "cache" / "fp").exists()
+
+
+def test_a_search_on_the_bucket_keeps_trials_winner_and_report_there_and_resumes_from_it(s3_server, ray_local):
+    """Tune's folder, each trial's run, the winner and the report in the bucket; the driver works in a staging
+    copy that a rerun rebuilds from the bucket, and the rerun resumes the finished search without training."""
+    from pathlib import Path
+
+    from aigc.config import load_config
+    from aigc.modeldir import local_dir
+    from aigc.search import run_search
+    from aigc.search_config import SearchConfig, search_dir_of
+
+    root = f"{s3_server.root}/searches"
+    cfg = load_config(SearchConfig, Path(__file__).resolve().parents[2] / "tune/configs/tiny-cpu.yaml", [
+        f"search.storage_path={root}", "search.name=s3search", "search.algorithm=grid", "search.num_samples=1",
+        "search.asha.enabled=false", "tracking.enabled=false",
+        "space.lr={kind: choice, values: [3.0e-3, 1.0e-4], low: null, high: null}",
+        "space.weight_decay={kind: choice, values: [0.01]}",
+        "space.dropout={kind: choice, values: [0.0], low: null, high: null}",
+        "base.data.format=text", "base.model.name_or_path=null", "base.data.block_size=64",
+        "base.data.embedded={n_train: 600, n_validation: 100, n_test: 50, seed: 0}", "base.model.arch.n_embd=32",
+        "base.model.arch.vocab_size=400", "base.optim.max_steps=10", "base.optim.warmup_steps=2",
+        "base.eval.every_steps=5", "base.run.evaluate=false"])
+    first = run_search(cfg)
+    loc = f"{root}/s3search"
+    assert {"search.yaml", "tune", "trials", "base", "winner", "report.html", "trials.csv"} <= set(storage.listdir(loc))
+    runs = storage.listdir(f"{loc}/trials")
+    assert len(runs) == 2 and len(first.trials) == 2 and not first.errors
+    for run in runs:  # each trial an object-store run: its checkpoints, metrics log and end in the bucket
+        names = set(storage.listdir(f"{loc}/trials/{run}"))
+        assert {"metrics.jsonl", "trial.json", "best"} <= names and any(n.startswith("checkpoint_") for n in names)
+    assert first.winner_dir == f"{loc}/winner" and first.best_params["lr"] == 3.0e-3
+    report = storage.read_text(f"{loc}/report.html")  # names the bucket, not the driver's staging copy
+    assert f"{loc}/winner" in report and str(search_dir_of(cfg)) not in report
+    meta = verify_model_dir(local_dir(first.winner_dir))  # a verified copy, as a Serve replica loads it
+    assert meta["trial"] == first.best_trial and meta["step"] == 10
+
+    staging = search_dir_of(cfg)
+    again = run_search(cfg)  # a driver with a stale staging copy: rebuilt from the bucket, nothing trains again
+    assert again.resumed and again.best_trial == first.best_trial and again.winner_dir == first.winner_dir
+    for run in runs:
+        assert len((staging / "trials" / run / "attempts.jsonl").read_text().splitlines()) == 1
