@@ -7,7 +7,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,28 +139,33 @@ LORA_OFFLOAD = ["model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8"
                 "optim.lr=1e-2", "zero.stage=2", "zero.offload_optimizer=true"]
 
 
+def kill_after_first_report(run_dir: Path, pick: Callable[[], Any], timeout: float = 300) -> tuple[threading.Thread,
+                                                                                                 list[int]]:
+    """A started thread that SIGKILLs the Train worker `pick()` names (None: not up yet) once the run in `run_dir`
+    has reported (so a checkpoint exists), and the list it adds the killed pid to."""
+    killed: list[int] = []
+
+    def kill():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if run_dir.exists() and read_metrics_log(run_dir) and (victim := pick()) is not None:
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(victim.pid)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 @pytest.mark.parametrize("mode", ["full", "lora_zero2_offload"])
 def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path, mode):
     steps = 80 if mode == "full" else 40
     cfg = tiny_cfg(tmp_path, "kill", f"optim.max_steps={steps}", "eval.every_steps=10", "scaling.max_failures=2",
                    "run.evaluate=false", "run.samples=0", "tracking.enabled=false",
                    *(LORA_OFFLOAD if mode != "full" else []))
-    run_dir = tmp_path / "kill"
-    killed: list[int] = []
-
-    def kill_a_worker_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            if read_metrics_log(run_dir):
-                workers = own_train_workers()
-                if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(workers[-1].pid)
-                    return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer, killed = kill_after_first_report(tmp_path / "kill", lambda: (own_train_workers() or [None])[-1])
     result = run_finetune(cfg)
     killer.join(timeout=5)
     assert killed, "no worker was killed"

@@ -7,13 +7,10 @@ node's worker restarts the group from the bucket's checkpoint."""
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 
 import psutil
 import pytest
-from test_finetune import tiny_cfg
+from test_finetune import kill_after_first_report, tiny_cfg
 
 from aigc import storage
 from aigc.finetune import read_metrics_log, run_dir_of, run_finetune
@@ -60,24 +57,16 @@ def test_zero3_across_two_nodes_on_s3_checkpoints_both_ranks_and_resumes_after_a
                    "zero.param_persistence_threshold=0", f"scaling.cpus_per_worker={CPUS_PER_NODE}",
                    "scaling.max_failures=2", f"optim.max_steps={steps}", "eval.every_steps=5", "run.evaluate=false",
                    "run.samples=0", "tracking.enabled=false")
-    run_dir = run_dir_of(cfg)
     seen: dict[str, int] = {}
-    killed: list[int] = []
 
-    def kill_the_second_nodes_worker_after_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if run_dir.exists() and read_metrics_log(run_dir):
-                on_head, on_second = train_workers(head), train_workers(second)
-                if on_head and on_second:
-                    seen.update(head=len(on_head), second=len(on_second))
-                    os.kill(on_second[0].pid, signal.SIGKILL)
-                    killed.append(on_second[0].pid)
-                    return
-            time.sleep(0.2)
+    def the_second_nodes_worker():  # once both nodes hold a rank
+        on_head, on_second = train_workers(head), train_workers(second)
+        if not (on_head and on_second):
+            return None
+        seen.update(head=len(on_head), second=len(on_second))
+        return on_second[0]
 
-    killer = threading.Thread(target=kill_the_second_nodes_worker_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer, killed = kill_after_first_report(run_dir_of(cfg), the_second_nodes_worker)
     result = run_finetune(cfg)
     killer.join(timeout=5)
 
