@@ -138,8 +138,9 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_json_lines(Path(run_dir) / METRICS_LOG)
 
 
-# what a resumed object-store run reads back into its staging folder (not the checkpoints: Train reads those)
-RUN_FILES = (RUN_CONFIG, METRICS_LOG, SUMMARY, TRACKING_RECORD, BASE_DIR)
+# what a resumed object-store run reads back into its staging folder, beside the base model it built (not the
+# checkpoints: Train reads those)
+RUN_FILES = [RUN_CONFIG, METRICS_LOG, SUMMARY, TRACKING_RECORD]
 
 
 def run_location(cfg: FinetuneConfig) -> str:
@@ -158,23 +159,16 @@ def pull_run_files(loc: str, run_dir: Path) -> None:
     """An object-store run's own files into a fresh staging folder, so a resumed run continues its metrics log,
     base model and tracked run wherever its driver runs now."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    for name in set(RUN_FILES) & set(storage.listdir(loc)):
-        if name == BASE_DIR:
-            storage.fetch_dir(storage.join(loc, name), run_dir / name, verify=verify_model_dir)
-        else:
-            storage.write_bytes(run_dir / name, storage.read_bytes(storage.join(loc, name)))
+    storage.pull_files(loc, run_dir, RUN_FILES)
+    if storage.exists(storage.join(loc, BASE_DIR)):
+        storage.fetch_dir(storage.join(loc, BASE_DIR), run_dir / BASE_DIR, verify=verify_model_dir)
 
 
 def push_run_files(loc: str, run_dir: Path) -> None:
-    """The staging folder's own files to the object store (a model directory published whole, marker last)."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            if not storage.exists(storage.join(loc, name, storage.MARKER)):
-                storage.publish_dir(path, storage.join(loc, name))
-        elif path.is_file():
-            storage.write_bytes(storage.join(loc, name), path.read_bytes())
+    """The staging folder's own files to the object store (the base model published whole, once, marker last)."""
+    storage.push_files(run_dir, loc, RUN_FILES)
+    if (run_dir / BASE_DIR).is_dir():
+        storage.publish_dir_once(run_dir / BASE_DIR, storage.join(loc, BASE_DIR))
 
 
 def prepare_base(cfg: FinetuneConfig, run_dir: Path, train_texts: Any) -> str:
@@ -439,8 +433,7 @@ def evaluate_before_after(cfg: FinetuneConfig, base: str, tuned: str, packed: Pa
     if cfg.data.source == "embedded" and cfg.data.format == "text":
         docs = _read_docs(ensure_embedded_corpus(cfg.data)["test"])
     remote = ray.remote(evaluate_model).options(**_remote_options(cfg))
-    base_is_aigc = storage.exists(storage.join(base, METADATA)) if storage.is_uri(base) else os.path.isfile(
-        os.path.join(base, METADATA))
+    base_is_aigc = storage.exists(storage.join(base, METADATA))  # a local folder, a bucket's, or a hub id (no)
     test, task_ref = packed.datasets["test"], ray.put(task)  # the test rows travel once, not once per model
     before, after = ray.get([remote.remote(base, test, docs, base_is_aigc, task=task_ref),
                              remote.remote(tuned, test, docs, True, task=task_ref)])

@@ -192,11 +192,11 @@ def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepare
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if remote:  # this node's staging copy may be stale or missing: the bucket has every attempt so far
-        _pull(loc, run_dir, [TRIAL_ATTEMPTS])
+        storage.pull_files(loc, run_dir, [TRIAL_ATTEMPTS])
     with open(run_dir / TRIAL_ATTEMPTS, "a") as f:  # a retried or resumed trial adds a line
         f.write(json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n")
     if remote:  # the search's driver reads a bucket's trials from the bucket
-        _push(run_dir, loc, [TRIAL_ATTEMPTS])
+        storage.push_files(run_dir, loc, [TRIAL_ATTEMPTS])
     t0 = time.time()
     callback = tuning.ForwardToTune()  # made here, inside the Tune session whose report queue it holds
     driver = ray.remote(_TrialDriver).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
@@ -207,29 +207,7 @@ def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepare
     (run_dir / TRIAL_DONE).write_text(json.dumps({"trial_id": trial_id, "params": params,
                                                   "wall_s": time.time() - t0, **out}, indent=2, default=str))
     if remote:
-        _push(run_dir, loc, [TRIAL_DONE])
-
-
-def _push(local: Path, location: str, names: list[str]) -> None:
-    """These files of a local folder (those that exist; a folder's files, recursively) to the same names under
-    `location`."""
-    for name in names:
-        path = local / name
-        if path.is_dir():
-            storage.upload_dir(path, storage.join(location, name))
-        elif path.is_file():
-            storage.write_bytes(storage.join(location, name), path.read_bytes())
-
-
-def _pull(location: str, local: Path, files: list[str], dirs: tuple[str, ...] = ()) -> None:
-    """These files and folders under `location`, where present, into the same names in `local` (replaced)."""
-    present = set(storage.listdir(location)) if storage.exists(location) else set()
-    for name in set(files) & present:
-        (local / name).parent.mkdir(parents=True, exist_ok=True)
-        (local / name).write_bytes(storage.read_bytes(storage.join(location, name)))
-    for name in set(dirs) & present:
-        shutil.rmtree(local / name, ignore_errors=True)
-        storage.download_dir(storage.join(location, name), local / name)
+        storage.push_files(run_dir, loc, [TRIAL_DONE])
 
 
 # The files of an object-store search its driver keeps a staging copy of: its own, Tune's folder, and of each
@@ -242,11 +220,11 @@ def pull_search(location: str, sdir: Path) -> None:
     """An object-store search's files into its staging folder: to resume it, and to report on it after Tune ran
     its trials (on any node: their files are in the bucket)."""
     sdir.mkdir(parents=True, exist_ok=True)
-    _pull(location, sdir, SEARCH_FILES, dirs=(TUNE_DIR,))
+    storage.pull_files(location, sdir, SEARCH_FILES, dirs=(TUNE_DIR,))
     trials = storage.join(location, TRIALS_DIR)
     if storage.exists(trials):
         for run in storage.listdir(trials):
-            _pull(storage.join(trials, run), sdir / TRIALS_DIR / run, TRIAL_FILES)
+            storage.pull_files(storage.join(trials, run), sdir / TRIALS_DIR / run, TRIAL_FILES)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -351,7 +329,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / SEARCH_YAML).write_text(to_yaml(cfg))
     if remote:
-        _push(sdir, loc, [SEARCH_YAML])
+        storage.push_files(sdir, loc, [SEARCH_YAML])
     print(f"[aigc] search {cfg.search.name}: {total_trials(cfg)} trials, {concurrency} at a time "
           f"({cfg.search.algorithm}{', ASHA' if cfg.search.asha.enabled else ''}) -> {sdir}", flush=True)
     # search.yaml keeps what was asked for (a resume compares it); the trials fine-tune the resolved base
@@ -361,9 +339,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
     with PlacementGroupReaper():  # frees the reservations of trials Tune stopped (see its docstring)
         full = prepare(cfg.base, sdir)
         if remote and Path(full.base) == sdir / BASE_DIR:  # a base built here: the trials' workers read the bucket's
-            if not storage.exists(storage.join(loc, BASE_DIR, storage.MARKER)):
-                storage.publish_dir(sdir / BASE_DIR, storage.join(loc, BASE_DIR))
-            full = replace(full, base=storage.join(loc, BASE_DIR))
+            full = replace(full, base=storage.publish_dir_once(sdir / BASE_DIR, storage.join(loc, BASE_DIR)))
         prepared = _share_ready(full, cfg.base.scaling.num_workers)
         check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
@@ -397,7 +373,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
             )
         tuner.fit()  # errors are per trial (recorded on disk); Ctrl-C / SIGUSR1 stops it with the state saved
     if remote:
-        _push(sdir, loc, [ASHA_LEDGER, TRACKING_RECORD])
+        storage.push_files(sdir, loc, [ASHA_LEDGER, TRACKING_RECORD])
         pull_search(loc, sdir)  # Tune's folder and the trials' files, written on whichever nodes ran them
     interrupted = _interrupted(sdir)
 
@@ -411,7 +387,7 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
             storage.publish_dir(winner, winner_at)
     report = write_report(sdir, location=loc if remote else None)
     if remote:
-        _push(sdir, loc, [REPORT_HTML, REPORT_MD, TRIALS_CSV, PLOTS_DIR])
+        storage.push_files(sdir, loc, [REPORT_HTML, REPORT_MD, TRIALS_CSV, PLOTS_DIR])
     if tracked:
         finish_tracking(tracked, sdir, report.files, winner, interrupted)
     data = report.data

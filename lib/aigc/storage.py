@@ -234,8 +234,36 @@ def upload_dir(local: str | os.PathLike, location: str | os.PathLike) -> None:
     """Copy a local directory's files to `location` (merged with what is there; same names replaced)."""
     s = str(location)
     fs, path = resolve(s)
+    if isinstance(fs, pafs.LocalFileSystem):  # pyarrow's copy does not create a local destination's folders
+        _call(s, "upload", lambda: shutil.copytree(local_path(local), path, dirs_exist_ok=True))
+        return
     _call(s, "upload", lambda: pafs.copy_files(local_path(local), path, source_filesystem=pafs.LocalFileSystem(),
                                                destination_filesystem=fs))
+
+
+def push_files(local: str | os.PathLike, location: str | os.PathLike, names: list[str]) -> None:
+    """These entries of a local folder, where present, to the same names under `location`: a file copied, a
+    folder's files uploaded (merged). Model directories go through `publish_dir` instead."""
+    for name in names:
+        path = Path(local_path(local)) / name
+        if path.is_dir():
+            upload_dir(path, join(location, name))
+        elif path.is_file():
+            write_bytes(join(location, name), path.read_bytes())
+
+
+def pull_files(location: str | os.PathLike, local: str | os.PathLike, files: list[str],
+               dirs: tuple[str, ...] = ()) -> None:
+    """These files and folders under `location`, where present, into the same names in the local folder `local`
+    (created; a folder replaced whole)."""
+    present = set(listdir(location)) if exists(location) else set()
+    root = Path(local_path(local))
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [n for n in files if n in present]:
+        (root / name).write_bytes(read_bytes(join(location, name)))
+    for name in [n for n in dirs if n in present]:
+        shutil.rmtree(root / name, ignore_errors=True)
+        download_dir(join(location, name), root / name)
 
 
 def download_dir(location: str | os.PathLike, local: str | os.PathLike, *, exclude: tuple[str, ...] = ()) -> None:
@@ -315,6 +343,13 @@ def publish_dir(local: str | os.PathLike, location: str | os.PathLike) -> str:
         raise StorageError(f"{redact(s)}: upload incomplete, not published: {', '.join(wrong[:5])}")
     write_bytes(join(s, MARKER), marker)
     return s
+
+
+def publish_dir_once(local: str | os.PathLike, location: str | os.PathLike) -> str:
+    """`publish_dir`, unless a complete copy is already published there (a base model, written once per run)."""
+    if not exists(join(location, MARKER)):
+        publish_dir(local, location)
+    return str(location)
 
 
 def published_files(location: str | os.PathLike) -> dict[str, int]:

@@ -150,3 +150,17 @@ def test_each_reader_of_a_stored_checkpoint_gets_its_own_complete_copy(s3_dir, t
     with storage.checkpoint_dir(local) as d:
         assert d == str(tmp_path)
     assert tmp_path.exists()
+
+
+def test_named_files_and_folders_go_up_and_come_back_and_absent_names_are_skipped(root, tmp_path):
+    src = tmp_path / "src"
+    sizes = make_tree(src)
+    storage.push_files(src, root, ["a.json", "sub", "missing.txt"])
+    back = tmp_path / "back"
+    (back / "sub").mkdir(parents=True)
+    (back / "sub" / "stale.bin").write_bytes(b"old")  # a pulled folder replaces what was there
+    storage.pull_files(root, back, ["a.json", "missing.txt"], dirs=("sub",))
+    got = {str(p.relative_to(back)): p.stat().st_size for p in back.rglob("*") if p.is_file()}
+    assert got == sizes and (back / "a.json").read_text() == '{"x": 1}'
+    storage.pull_files(storage.join(root, "nothing-here"), tmp_path / "empty", ["a.json"])
+    assert list((tmp_path / "empty").iterdir()) == []
