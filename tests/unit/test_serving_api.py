@@ -606,3 +606,35 @@ def test_adapter_host_switches_adapters_per_step_and_unloads(tiny_model_dir, ada
         assert [await tokens(two.engine, p) for p in prompts] == want["two"]
 
     asyncio.run(run())
+
+
+def test_the_ingress_dispatches_its_routes_below_any_prefix_and_answers_the_rest_as_openai_errors():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from aigc.serving.app import ROUTES, HttpIngress, openapi, route_path
+
+    assert route_path({"path": "/aigc/v1/models", "root_path": "/aigc"}) == "/v1/models"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert route_path({"path": "/aigc", "root_path": "/aigc"}) == "/"
+
+    class Edge(HttpIngress):
+        async def models(self, request):
+            return "listed"
+
+    def call(method: str, path: str):
+        scope = {"type": "http", "method": method, "path": "/p" + path, "root_path": "/p", "headers": [],
+                 "query_string": b""}
+        return asyncio.run(Edge()(Request(scope)))
+
+    assert call("GET", "/v1/models") == "listed" and call("HEAD", "/v1/models") == "listed"
+    wrong = call("POST", "/v1/models")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+    assert json.loads(wrong.body)["error"]["message"] == "POST /v1/models: Method Not Allowed; use GET"
+    missing = call("GET", "/v1/embeddings")
+    assert missing.status_code == 404 and json.loads(missing.body)["error"]["code"] == "not_found"
+    # the document the fuzz test draws from lists every route with its method, and the POST bodies' schemas
+    doc = openapi()["paths"]
+    assert {p: next(iter(ops)).upper() for p, ops in doc.items()} == {p: m for p, (m, _) in ROUTES.items()}
+    assert "prompt" in doc["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

@@ -34,17 +34,20 @@ class ApiError(Exception):
     """An OpenAI-format error: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", allow: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.allow = allow  # a 405's allowed method
 
     def body(self) -> dict[str, Any]:
         """The JSON error body (also the payload of an error event in a stream)."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str] | None:
-        """Response headers the status calls for (RFC 6750: a 401 names the scheme)."""
-        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        """Response headers the status calls for (RFC 6750: a 401 names the scheme; RFC 9110: a 405 the methods)."""
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        return {"Allow": self.allow} if self.status == 405 and self.allow else None
 
 
 # ------------------------------------------------------------------------------------------ requests

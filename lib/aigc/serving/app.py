@@ -4,7 +4,7 @@
     serve run serve.app:app_builder model_dir=DIR           # the same app through Serve's CLI
     serve deploy serve/config.yaml                          # a cluster, with autoscaling from the config
 
-One deployment (`Model`) is both the FastAPI ingress and the model: `__init__` loads the directory
+One deployment (`Model`) is both the HTTP ingress and the model: `__init__` loads the directory
 through the shared loader (checksums verified, safetensors only), and every request goes through the
 shared generation path (`aigc.generation.BatchStream`) with continuous batching: one decode batch per
 replica that requests join at the next step and leave when done. (`@serve.batch` forms a batch, runs it
@@ -45,11 +45,10 @@ from typing import Any
 
 import ray
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from aigc import storage
 from aigc.config import ConfigError, expand
@@ -108,14 +107,56 @@ logger = logging.getLogger("ray.serve")
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
+MODELS = "/v1/models"
+READY = "/ready"
+# The app's HTTP routes, path -> (method, the ingress's handler): ModelServer's, or the Router's in front of
+# adapters. The ingress dispatches them itself (`HttpIngress`).
+ROUTES: dict[str, tuple[str, str]] = {COMPLETIONS: ("POST", "completions"), CHAT: ("POST", "chat_completions"),
+                                      MODELS: ("GET", "models"), READY: ("GET", "ready")}
 
-api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)
-router_api = FastAPI(title="aigc", docs_url=None, redoc_url=None, openapi_url=None)  # the Router's (adapters)
+
+def openapi() -> dict[str, Any]:
+    """The app's OpenAPI document: its routes, and the JSON bodies the POST routes read (the routes take the
+    raw request so that parsing stays in aigc.serving.api; `openapi_body` gives each body's schema). Clients
+    and the fuzz test (tests/integration/http_fuzz.py) read it; the app does not serve it."""
+    bodies = {COMPLETIONS: CompletionRequest, CHAT: ChatCompletionRequest}
+    paths = {path: {method.lower(): {"operationId": name, **(openapi_body(bodies[path]) if path in bodies else {}),
+                                     "responses": {"200": {"description": "OK"}}}}
+             for path, (method, name) in ROUTES.items()}
+    return {"openapi": "3.1.0", "info": {"title": "aigc", "version": "1"}, "paths": paths}
 
 
 def error_response(e: ApiError) -> JSONResponse:
     """The OpenAI-format error response of `e`."""
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """A request's path below the app's route prefix (Serve's proxy moves the prefix into `root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+class HttpIngress:
+    """The app's HTTP entry point: Serve calls `__call__` with each request (a deployment without an ASGI
+    app), which dispatches `ROUTES` to the handler methods of the same names and answers everything else,
+    and every ApiError, as an OpenAI error body. No FastAPI: its ASGI stack (middleware, routing, dependency
+    solving) cost about 4 ms a request on the 2-core machine, an empty FastAPI ingress against an empty
+    deployment, which was more than the rest of aigc's request path (bench/serve_throughput.py)."""
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = route_path(request.scope), request.method
+        try:
+            if path not in ROUTES:
+                raise ApiError(404, f"{method} {path}: Not Found", code="not_found")
+            allowed, handler = ROUTES[path]
+            if method != allowed and not (method == "HEAD" and allowed == "GET"):
+                raise ApiError(405, f"{method} {path}: Method Not Allowed; use {allowed}", allow=allowed)
+            return await getattr(self, handler)(request)
+        except ApiError as e:
+            return error_response(e)
 
 
 def _refused(owner: Any, request: Request, route: str, t0: float) -> JSONResponse | None:
@@ -131,25 +172,6 @@ def _refused(owner: Any, request: Request, route: str, t0: float) -> JSONRespons
 
 def _generation_failed() -> ApiError:
     return ApiError(500, "internal error while generating", type_="server_error")
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    msg = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
-
-
-router_api.add_exception_handler(ApiError, _api_error)
-router_api.add_exception_handler(StarletteHTTPException, _http_error)
-
-
-# Everything the replica's methods use is defined above it: `serve.ingress` pickles the class as it is
-# declared, and a name defined further down would be missing from the copy that runs.
 
 
 # what a POST route parses its body with: parse_completion or parse_chat
@@ -480,9 +502,9 @@ class ModelCore:
             n = await self.engine.check()
         except Exception as e:  # a replica that cannot generate is not ready
             logger.exception("readiness probe failed")
-            self.metrics.record("/ready", 503, time.perf_counter() - t0, "server_error")
+            self.metrics.record(READY, 503, time.perf_counter() - t0, "server_error")
             return 503, ApiError(503, f"not ready: {type(e).__name__}", type_="server_error").body()
-        self.metrics.record("/ready", 200, time.perf_counter() - t0)
+        self.metrics.record(READY, 200, time.perf_counter() - t0)
         return 200, {"status": "ready", "model": self.name, "system_fingerprint": self.fingerprint,
                      "generated_tokens": n, "latency_ms": round((time.perf_counter() - t0) * 1e3, 2)}
 
@@ -492,15 +514,12 @@ class ModelCore:
 
 
 @serve.deployment(name=DEPLOYMENT)
-@serve.ingress(api)
-class ModelServer(ModelCore):
+class ModelServer(HttpIngress, ModelCore):
     """The model's replica as the app's HTTP ingress (an app without adapters)."""
 
-    @api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._generate(request, COMPLETIONS, parse_completion)
 
-    @api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._generate(request, CHAT, parse_chat)
 
@@ -516,18 +535,16 @@ class ModelServer(ModelCore):
             return error_response(e)
         return await self._answer(route, parse, body, t0, _Target(self.name, self.engine, self.fingerprint))
 
-    @api.get("/v1/models")
     async def models(self, request: Request):
         t0 = time.perf_counter()
-        if (refused := _refused(self, request, "/v1/models", t0)) is not None:
+        if (refused := _refused(self, request, MODELS, t0)) is not None:
             return refused
-        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
-        return self.model_list()
+        self.metrics.record(MODELS, 200, time.perf_counter() - t0)
+        return JSONResponse(self.model_list())
 
-    @api.get("/ready")
-    async def ready(self):
+    async def ready(self, request: Request):
         status, body = await self.readiness()
-        return body if status == 200 else JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status)
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -537,8 +554,7 @@ class ModelReplica(ModelCore):
 
 
 @serve.deployment(name=ROUTER)
-@serve.ingress(router_api)
-class Router:
+class Router(HttpIngress):
     """The HTTP ingress of an app that serves adapters: key and body checked, an unknown model answered 404
     here, and the rest forwarded to the model's replicas with the adapter's model id as Serve's
     `multiplexed_model_id`, so the request goes to a replica that already holds that adapter where one does."""
@@ -600,27 +616,23 @@ class Router:
         return StreamingResponse(rest(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **first[1]})
 
-    @router_api.post(COMPLETIONS, openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._forward(request, COMPLETIONS)
 
-    @router_api.post(CHAT, openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._forward(request, CHAT)
 
-    @router_api.get("/v1/models")
     async def models(self, request: Request):
         t0 = time.perf_counter()
-        if (refused := _refused(self, request, "/v1/models", t0)) is not None:
+        if (refused := _refused(self, request, MODELS, t0)) is not None:
             return refused
         body = await self.model.model_list.remote()
-        self.metrics.record("/v1/models", 200, time.perf_counter() - t0)
-        return body
+        self.metrics.record(MODELS, 200, time.perf_counter() - t0)
+        return JSONResponse(body)
 
-    @router_api.get("/ready")
-    async def ready(self):
+    async def ready(self, request: Request):
         status, body = await self.model.readiness.remote()
-        return body if status == 200 else JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status)
 
     async def info(self) -> dict[str, Any]:
         """The model deployment's `info` (aigc.pipeline deploys an adapter onto a running app with it)."""

@@ -88,6 +88,9 @@ class BatchingEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._shown = (-1, -1)
+        # decode steps run, and rows decoded over them: a request's share of the batch is the difference
+        # between its first and last step (one metric call per request, not one per step)
+        self._steps = self._rows_stepped = 0
         self.on_counts: Callable[[], None] | None = None  # set by a host that sums its engines' gauges
         if probe:
             self.runner.call(self.probe)
@@ -112,7 +115,7 @@ class BatchingEngine:
         """Submit on the first iteration (so a response that is never sent queues nothing), then the
         row's deltas; a stream closed before its last delta cancels the row."""
         row, queue = self.submit(prompt_ids, params)
-        finished = False
+        finished, since = False, (self._steps, self._rows_stepped)
         try:
             while not finished:
                 d = await queue.get()
@@ -123,6 +126,8 @@ class BatchingEngine:
         finally:
             if not finished:  # the client went away, moderation stopped it, or a step failed: free the row
                 self.cancel(row, "cancelled")
+            if self._steps > since[0]:
+                self.metrics.batch_size.observe((self._rows_stepped - since[1]) / (self._steps - since[0]))
 
     def probe(self) -> int:
         """One greedy token from a one-token prompt through the generation path (not the request queue:
@@ -151,6 +156,7 @@ class BatchingEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            before = len(self.batch.active)
             try:
                 deltas = await self.runner.run(self.batch.step)
             except Exception as e:  # a broken step fails the requests in it, not the replica
@@ -166,8 +172,8 @@ class BatchingEngine:
                     queue.put_nowait(d)
                     if d.finish_reason is not None:
                         del self.queues[d.row]
-            if self.batch.active:
-                self.metrics.batch_size.observe(len(self.batch.active))
+            self._steps += 1
+            self._rows_stepped += max(before, len(self.batch.active))  # the rows before or after it: joins and leaves
             await asyncio.sleep(0)  # between steps the loop takes new requests and sends chunks
 
     def _gauges(self) -> None:
