@@ -11,7 +11,8 @@ tokenizer is trained). Printed per size: the driver's peak RSS (ru_maxrss of the
 workers are other processes), object-store bytes per token of the packed train split (`Dataset.size_bytes`,
 every column), and tokens/s of the whole prepare (all splits, first use of Ray's workers included). For the
 scaling ratio the middle size's train split is read, tokenised and packed again, alone, with warm workers, at 2
-CPUs and in another process at 1 CPU.
+CPUs and in another process at 1 CPU, each process pinned to that many cores with everything it starts (Ray's
+num_cpus alone limits how many tasks run, not the tokenizer's threads inside one).
 
 Targets: driver peak RSS flat (within 10% from 1x to 100x); <= 4 bytes per token; packing at 2 CPUs >= 1.7x
 its rate at 1 CPU.
@@ -43,6 +44,9 @@ def child(work: Path, size: int, cpus: int, block_size: int, pack_runs: int) -> 
     from aigc.data import make_packer
     from aigc.finetune import prepare
 
+    # `cpus` cores for this process and everything it starts (raylet, workers): Ray's num_cpus only limits how
+    # many tasks run at once, and the Rust tokenizer inside one task uses every core it can see
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Ray's workers start on first use: start them before the clock does

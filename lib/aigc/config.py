@@ -349,7 +349,8 @@ class RunSection(Strict):
     evaluate: bool = Field(True, description="test perplexity of base and fine-tuned model after training")
     base_cache: str = Field(
         "~/aigc/bases", description="where embedded pre-trained bases are cached, one folder per config hash; on a "
-                                    "multi-node cluster a folder every node shares"
+                                    "multi-node cluster an object store URI (s3://bucket/bases) or a folder every node "
+                                    "shares"
     )
 
 
@@ -425,9 +426,8 @@ class FinetuneConfig(Strict):
             out.append("data.block_size: the embedded tiny model supports at most 4096 positions")
         if m.name_or_path == EMBEDDED_BASE:
             out += _pretrain_problems(m.pretrain, d.block_size)
-            if "://" in self.run.base_cache:
-                out.append(f"run.base_cache: object-store URIs ({self.run.base_cache}) are not supported yet; use a "
-                           "folder every node shares")
+            if problem := scheme_problem(self.run.base_cache):
+                out.append(f"run.base_cache: {problem}")
         if o.warmup_steps >= o.max_steps:
             out.append(f"optim.warmup_steps: must be below optim.max_steps ({o.warmup_steps} >= {o.max_steps})")
         if problem := scheme_problem(self.run.storage_path):

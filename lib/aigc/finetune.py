@@ -41,7 +41,15 @@ from aigc.layout import (
     staging_dir,
 )
 from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoint
-from aigc.modeldir import METADATA, ModelDirError, load_model, read_metadata, save_model_dir, verify_model_dir
+from aigc.modeldir import (
+    METADATA,
+    ModelDirError,
+    load_model,
+    local_dir,
+    read_metadata,
+    save_model_dir,
+    verify_model_dir,
+)
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
 from aigc.privacy import DPPlan, plan, projected_epsilon
@@ -298,7 +306,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> Prepared:
     init_ray()
     base = prepare_base(cfg, run_dir, training_texts(splits.train))  # streamed, only to train a tokenizer
     check_before_training(cfg, base)  # LoRA: adapter on adapter, resumed adapter's base, targets
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(local_dir(base))  # a bucket's base: this node's verified copy
     if tokenizer.eos_token_id is None:
         raise DataError(f"model.name_or_path={base!r}: the tokenizer has no EOS token to separate documents")
     if cfg.data.format == "chat" and ensure_chat_template(tokenizer):

@@ -30,6 +30,7 @@ from aigc.modeldir import (
     check_adapter_base,
     load_adapter,
     load_model,
+    local_dir,
     read_metadata,
     save_adapter_dir,
     verify_model_dir,
@@ -112,7 +113,8 @@ def check_before_training(cfg: FinetuneConfig, base: str) -> None:
     p = cfg.model.peft
     if p.method == "none":
         return
-    base_meta = read_metadata(base) if os.path.isfile(os.path.join(base, METADATA)) else {}
+    local = local_dir(base)  # a bucket's base: this node's verified copy (a hub id or local path: itself)
+    base_meta = read_metadata(local) if os.path.isfile(os.path.join(local, METADATA)) else {}
     if base_meta.get("adapter") and not p.resume_adapter:
         b = base_meta["adapter"]["base"]
         raise LoraError(f"model.name_or_path: {base} already holds a LoRA adapter (on base {b['name_or_path']}); "
@@ -127,7 +129,7 @@ def check_before_training(cfg: FinetuneConfig, base: str) -> None:
         except ModelDirError as e:
             raise LoraError(f"{e} (model.name_or_path)") from None
         return  # its own targets, which matched the base it was trained on
-    model = _meta_model(base)
+    model = _meta_model(local)
     check_targets(lora_config(p, model.config.model_type), model)
 
 

@@ -13,6 +13,12 @@ a random GPT-2 and a tokenizer trained on the corpus), on the settings of `model
     .build/base-<fp[:12]>/     the pre-training run while it trains; a crashed build resumes from it
     .<fingerprint>.tmp-*       a copy being moved into place (a crash leaves it; the next build removes it)
 
+`run.base_cache` may be an object-store URI (a cluster without a shared disk): the base is then published at
+`<uri>/<fingerprint>/` (marker last, `aigc.storage.publish_dir`), every node's loader reads it through its own
+verified copy (`aigc.modeldir.local_dir`), and the build runs as an object-store run under `<uri>/.build/`. The
+lock is then this machine's (under `~/.cache/aigc/locks`): two machines building at once both train, and the
+second publish replaces the first with the same weights; a reader never sees a partial one.
+
 The fingerprint hashes what changes the weights (recipe, architecture, corpus, optimisation, validation),
 not paths or worker counts.
 """
@@ -22,12 +28,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aigc import storage
 from aigc.config import (
     EMBEDDED_BASE,
     DataSection,
@@ -43,8 +52,9 @@ from aigc.config import (
     to_yaml,
 )
 from aigc.corpus import DEFAULT_GRAMMAR
-from aigc.finetune import BEST_DIR, FinetuneResult, clean_run, run_dir_of, run_finetune
-from aigc.modeldir import ModelDirError, copy_model_dir, verify_model_dir
+from aigc.finetune import BEST_DIR, FinetuneResult, clean_run, run_finetune, run_location
+from aigc.layout import RUN_CONFIG
+from aigc.modeldir import METADATA, ModelDirError, copy_model_dir, verify_model_dir
 
 # Part of the fingerprint: bump it when the pre-training code changes what a given config produces.
 RECIPE = "aigc-embedded-base/1"
@@ -54,9 +64,12 @@ BUILD_DIR = ".build"
 Builder = Callable[[FinetuneConfig], str]  # pre-training config -> the trained model directory
 
 
-def base_cache_dir(cfg: FinetuneConfig) -> Path:
-    """The cache root (the one place its path is resolved)."""
-    return Path(expand(cfg.run.base_cache))
+LOCKS = "~/.cache/aigc/locks"  # this machine's build locks of a cache on an object store
+
+
+def base_cache_root(cfg: FinetuneConfig) -> str:
+    """The cache root, a local folder or an object-store URI (the one place it is resolved)."""
+    return expand(cfg.run.base_cache)
 
 
 def _pretrain_run(p: PretrainRecipe, run: RunSection, scaling: ScalingSection) -> FinetuneConfig:
@@ -90,7 +103,7 @@ def pretrain_config(cfg: FinetuneConfig) -> FinetuneConfig:
     evaluation or samples. It trains on `cfg.scaling` (GPUs when the task uses them) with
     `model.pretrain.num_workers` workers."""
     p = cfg.model.pretrain
-    run = RunSection(name=f"base-{base_fingerprint(p)[:12]}", storage_path=str(base_cache_dir(cfg) / BUILD_DIR),
+    run = RunSection(name=f"base-{base_fingerprint(p)[:12]}", storage_path=storage.join(base_cache_root(cfg), BUILD_DIR),
                     evaluate=False, samples=0, torch_extensions_dir=cfg.run.torch_extensions_dir, base_cache=cfg.run.base_cache)
     return _pretrain_run(p, run, cfg.scaling)
 
@@ -117,11 +130,15 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached(path: Path, fingerprint: str) -> bool:
-    """A complete, verified base of this fingerprint is at `path`."""
+def _cached(path: str, fingerprint: str) -> bool:
+    """A complete, verified base of this fingerprint is at `path`; on an object store, a published one (every
+    reader's download verifies its files)."""
     try:
+        if storage.is_uri(path):
+            storage.published_files(path)
+            return json.loads(storage.read_bytes(storage.join(path, METADATA))).get("fingerprint") == fingerprint
         return verify_model_dir(path).get("fingerprint") == fingerprint
-    except ModelDirError:
+    except (ModelDirError, storage.StorageError, ValueError):
         return False
 
 
@@ -136,8 +153,8 @@ def _remove_leftovers(root: Path, fingerprint: str) -> list[Path]:
 def _reset_stale_build(pcfg: FinetuneConfig) -> None:
     """A crashed build of the same config is resumed by Ray Train (same run name); one left by another
     config (another worker count: its ZeRO shards and data shards would not match) is started afresh."""
-    saved = run_dir_of(pcfg) / "config.yaml"
-    if saved.is_file() and saved.read_text() != to_yaml(pcfg):
+    saved = storage.join(run_location(pcfg), RUN_CONFIG)
+    if storage.exists(saved) and storage.read_text(saved) != to_yaml(pcfg):
         clean_run(pcfg)
 
 
@@ -149,31 +166,41 @@ def ensure_base(cfg: FinetuneConfig, build: Builder | None = None) -> str:
     shows a partial base. `build` replaces the pre-training itself (tests inject a fake one).
     """
     fingerprint = base_fingerprint(cfg.model.pretrain)
-    root = base_cache_dir(cfg)
-    out = root / fingerprint
+    root = base_cache_root(cfg)
+    remote = storage.is_uri(root)
+    out = storage.join(root, fingerprint)
+    shown = storage.redact(out)
+    if remote:
+        storage.check_writable(root)  # an unreachable or unauthorised bucket fails here, not after the build
     if _cached(out, fingerprint):
-        print(f"[aigc] embedded base: reusing {out}", flush=True)
-        return str(out)
-    with _locked(root / f"{fingerprint}.lock"):
+        print(f"[aigc] embedded base: reusing {shown}", flush=True)
+        return out
+    with _locked(Path(os.path.expanduser(LOCKS)) / f"{fingerprint}.lock" if remote else Path(root) / f"{fingerprint}.lock"):
         if _cached(out, fingerprint):  # built by the caller we waited for
-            print(f"[aigc] embedded base: reusing {out}", flush=True)
-            return str(out)
-        for p in _remove_leftovers(root, fingerprint):
-            print(f"[aigc] embedded base: removed {p} left by an interrupted build", flush=True)
-        if out.exists():  # there but not a verified base of this fingerprint: never trusted, rebuilt
-            shutil.rmtree(out)
+            print(f"[aigc] embedded base: reusing {shown}", flush=True)
+            return out
+        if not remote:
+            for p in _remove_leftovers(Path(root), fingerprint):
+                print(f"[aigc] embedded base: removed {p} left by an interrupted build", flush=True)
+            if Path(out).exists():  # there but not a verified base of this fingerprint: never trusted, rebuilt
+                shutil.rmtree(out)
         pcfg = pretrain_config(cfg)
         _reset_stale_build(pcfg)
         p = cfg.model.pretrain
         print(f"[aigc] pre-training the embedded base (fingerprint {fingerprint[:12]}, {p.max_steps} steps of "
-              f"{p.batch_size} x {p.block_size} tokens, {p.num_workers} worker(s)) -> {out}", flush=True)
+              f"{p.batch_size} x {p.block_size} tokens, {p.num_workers} worker(s)) -> {shown}", flush=True)
         t0 = time.time()
         trained = (build or _train)(pcfg)
-        copy_model_dir(trained, out, role=ROLE, fingerprint=fingerprint, recipe=RECIPE,
-                       pretrain=p.model_dump(mode="json"), build_seconds=round(time.time() - t0, 1))
-        shutil.rmtree(run_dir_of(pcfg), ignore_errors=True)  # checkpoints only served a resume
-        print(f"[aigc] embedded base: built {out} in {time.time() - t0:.0f} s", flush=True)
-    return str(out)
+        meta = dict(role=ROLE, fingerprint=fingerprint, recipe=RECIPE, pretrain=p.model_dump(mode="json"),
+                    build_seconds=round(time.time() - t0, 1))
+        if remote:  # recorded locally, then published whole, marker last
+            with tempfile.TemporaryDirectory(prefix="aigc-base-") as tmp:
+                storage.publish_dir(copy_model_dir(trained, Path(tmp) / fingerprint, **meta), out)
+        else:
+            copy_model_dir(trained, out, **meta)
+        clean_run(pcfg)  # checkpoints only served a resume (an object-store build's stored copy too)
+        print(f"[aigc] embedded base: built {shown} in {time.time() - t0:.0f} s", flush=True)
+    return out
 
 
 def resolve_base(cfg: FinetuneConfig, build: Builder | None = None) -> FinetuneConfig:

@@ -70,6 +70,22 @@ def test_a_replica_loads_the_model_from_the_bucket_and_refuses_a_tampered_object
     assert not (tmp_path / "cache" / "fp").exists()
 
 
+def test_a_lora_fine_tune_starts_from_a_model_in_the_bucket(s3_run, tmp_path):
+    """`model.name_or_path` a bucket's model directory (what `run.base_cache` on an object store resolves to):
+    the driver reads its tokenizer and LoRA targets through its verified copy, the workers load it from the
+    bucket, and the adapter records the URI as its base with that base's fingerprint."""
+    from aigc.modeldir import fingerprint
+
+    _, _, loc = s3_run
+    base = f"{loc}/best"
+    out = run_finetune(tiny_cfg(tmp_path, "from-bucket", f"model.name_or_path={base}", "model.peft.method=lora",
+                                "model.peft.r=2", "optim.lr=1e-2", "optim.max_steps=2", "optim.warmup_steps=1",
+                                *QUIET))
+    meta = verify_model_dir(out.best_dir)
+    assert meta["adapter"]["base"] == {"name_or_path": base, "fingerprint": fingerprint(base)}
+    assert meta["step"] == 2 and read_metrics_log(out.run_dir)[-1]["trainable_params"] > 0
+
+
 def test_a_search_on_the_bucket_keeps_trials_winner_and_report_there_and_resumes_from_it(s3_server, ray_local):
     """Tune's folder, each trial's run, the winner and the report in the bucket; the driver works in a staging
     copy that a rerun rebuilds from the bucket, and the rerun resumes the finished search without training."""

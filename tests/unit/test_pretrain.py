@@ -198,3 +198,29 @@ def test_config_checks_the_base_recipe_only_when_it_is_used(tmp_path):
     assert keys == {"model.pretrain.batch_size", "model.pretrain.warmup_steps", "model.pretrain.arch.n_head",
                     "data.block_size"}
     load_config(FinetuneConfig, None, bad[:3])  # a run that does not fine-tune the embedded base ignores them
+
+
+def test_a_bucket_cache_publishes_the_base_once_for_every_node(s3_server, tmp_path, tiny_model_dir, capsys):
+    """`run.base_cache` on an object store: the base is published at <uri>/<fingerprint> (any node reads it
+    through its verified copy), the build is an object-store run any node can join, and a second caller reuses
+    the bucket's copy; the fine-tune's driver takes the URI as its base."""
+    import uuid
+
+    from aigc import storage
+    from aigc.modeldir import local_dir
+
+    root = f"{s3_server.root}/bases-{uuid.uuid4().hex[:8]}"
+    cfg, build = embedded_cfg(root), FakeBuilder(tiny_model_dir)
+    fp = base_fingerprint(cfg.model.pretrain)
+    first = ensure_base(cfg, build)
+    assert first == f"{root}/{fp}" and len(build.runs) == 1
+    assert build.runs[0].run.storage_path == f"{root}/.build"
+    assert storage.published_files(first)  # marker written: complete
+    assert ensure_base(cfg, build) == first and len(build.runs) == 1
+    assert f"embedded base: reusing {first}" in capsys.readouterr().out
+    meta = verify_model_dir(local_dir(first))
+    assert meta["role"] == ROLE and meta["fingerprint"] == fp
+    resolved = resolve_base(cfg, build)
+    assert resolved.model.name_or_path == first and prepare_base(resolved, tmp_path / "run", []) == first
+    with pytest.raises(ConfigError, match="run.base_cache: .*no filesystem for the ftp:// scheme"):
+        embedded_cfg("ftp://host/bases")
