@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from aigc.decode import lean_forward
 from aigc.kvcache import KVCache
 from aigc.sampling import SamplingParams, TokenLogprob, logprobs_of, sample
 
@@ -199,7 +200,8 @@ class BatchStream:
     `last_logits` maps each row that got a token in the last step to its float32 logits (for tests).
 
     This class only schedules: sampling is :func:`aigc.sampling.sample`, a row's text is :class:`Row`,
-    and the cache surgery is :class:`aigc.kvcache.KVCache`.
+    the cache surgery is :class:`aigc.kvcache.KVCache`, and a plain GPT-2's forward :mod:`aigc.decode`
+    (`lean=False`: transformers' forward for every model).
     """
 
     def __init__(
@@ -211,8 +213,10 @@ class BatchStream:
         *,
         max_batch_size: int | None = None,
         keep_finished: bool = True,
+        lean: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.lean = lean  # a plain GPT-2 decodes through aigc.decode's forward (same logits, half the Python a step)
         self.device = next(model.parameters()).device
         self.ctx = max_positions(model)
         self.eos = eos_ids(model, tokenizer)
@@ -335,6 +339,10 @@ class BatchStream:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, keep: int = 1) -> torch.Tensor:
         """The logits of the last `keep` positions (0: all of them), float32."""
+        # asked at every forward: a served base gets LoRA layers injected when an adapter loads (aigc.serving.engine)
+        forward = lean_forward(self.model) if self.lean else None
+        if forward is not None:
+            return forward(input_ids, positions, cache.mask, cache.cache, keep)
         out = self.model(
             input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **cache.inputs()
         )

@@ -479,3 +479,40 @@ def test_max_tokens_zero_needs_prompt_logprobs():
         SamplingParams(max_tokens=0)
     assert [err["loc"][0] for err in e.value.errors()] == ["max_tokens"]
     assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0
+
+
+def test_a_plain_gpt2_decodes_through_the_lean_forward_with_transformers_logits(lm):
+    """aigc.decode's forward against transformers' own, step by step through a prefill with left padding, rows
+    joining a running batch (the cache re-padded) and rows leaving it (the cache cut): same logits, same tokens."""
+    import copy
+
+    from aigc.decode import lean_forward
+    from aigc.generation import BatchStream
+
+    def run(lean: bool) -> tuple[list[dict[int, torch.Tensor]], list]:
+        stream = BatchStream(lm.model, lm.tokenizer, max_batch_size=8, lean=lean)
+        stream.add(["Save", "Our new noise-cancelling headphones"], [GREEDY, SamplingParams(temperature=0, max_tokens=4)])
+        steps = []
+        for step in range(20):
+            if step == 3:
+                stream.add(["A much longer prompt about a water-resistant shell", "Hi"],
+                           SamplingParams(temperature=0.8, max_tokens=9, seed=5))
+            if stream.idle():
+                break
+            stream.step()
+            steps.append({row: lg.clone() for row, lg in stream.last_logits.items()})
+        return steps, [c.token_ids for c in stream.completions()]
+
+    lean_steps, lean_tokens = run(True)
+    hf_steps, hf_tokens = run(False)
+    assert lean_tokens == hf_tokens and len(lean_steps) == len(hf_steps) > 10
+    for mine, theirs in zip(lean_steps, hf_steps, strict=True):
+        assert mine.keys() == theirs.keys()
+        for row in mine:
+            assert (mine[row] - theirs[row]).abs().max() <= 1e-5
+    # what it does not compute exactly runs transformers' forward
+    assert lean_forward(lm.model) is not None
+    other = copy.deepcopy(lm.model)
+    other.config.scale_attn_by_inverse_layer_idx = True
+    assert lean_forward(other) is None
+    assert lean_forward(other.train()) is None and lean_forward(lm.model.transformer) is None
