@@ -10,9 +10,9 @@ Data) in a fresh driver process on a private local Ray with 2 CPUs, against a sm
 tokenizer is trained). Printed per size: the driver's peak RSS (ru_maxrss of the driver process alone; Ray's
 workers are other processes), object-store bytes per token of the packed train split (`Dataset.size_bytes`,
 every column), and tokens/s of the whole prepare (all splits, first use of Ray's workers included). For the
-scaling ratio the middle size's train split is read, tokenised and packed again, alone, with warm workers, at 2
-CPUs and in another process at 1 CPU, each process pinned to that many cores with everything it starts (Ray's
-num_cpus alone limits how many tasks run, not the tokenizer's threads inside one).
+scaling ratio the middle size's train split is read, tokenised and packed again, alone, with warm workers, at 1
+CPU and at 2 CPUs in alternating processes (`--pairs` of them; the ratio is the median pair's), each process
+pinned to that many cores with everything it starts (Ray's num_cpus alone limits how many tasks run at once).
 
 Targets: driver peak RSS flat (within 10% from 1x to 100x); <= 4 bytes per token; packing at 2 CPUs >= 1.7x
 its rate at 1 CPU.
@@ -67,11 +67,14 @@ def child(work: Path, size: int, cpus: int, block_size: int, pack_runs: int) -> 
            "train_blocks": packed.datasets["train"].num_blocks(),
            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     tok = AutoTokenizer.from_pretrained(work / "base")
+    rates = []
     for _ in range(pack_runs):
         t0 = time.perf_counter()
         pack = make_packer(tok, block_size, False)
         prepared.splits.train.dataset().map_batches(pack, batch_size=None, batch_format="numpy").materialize()
-        out["pack_tokens_per_s"] = packed.tokens["train"] / (time.perf_counter() - t0)
+        rates.append(packed.tokens["train"] / (time.perf_counter() - t0))
+    if rates:  # the best warm run (the first may still start workers)
+        out["pack_tokens_per_s"] = max(rates[1:] or rates)
     print(RESULT + json.dumps(out), flush=True)
     ray.shutdown()
 
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=5000, help="embedded ads in the fixed text (1x)")
     ap.add_argument("--sizes", default="1,10,100", help="multiples of the fixed text")
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating 1-CPU / 2-CPU pack measurements")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="aigc-data-bench-"))
@@ -121,9 +125,12 @@ def main() -> None:
     print(f"fixed text: {a.docs} ads, {(work / f'train-{sizes[0]}x.jsonl').stat().st_size / 1e6:.1f} MB at "
           f"{sizes[0]}x; block {a.block_size} tokens; {work}", flush=True)
     mid = sizes[len(sizes) // 2]
-    rows = [measure(work, k, 2, a.block_size, 2 if k == mid else 0) for k in sizes]
-    one_cpu = measure(work, mid, 1, a.block_size, 2)
-    two_cpu = next(r for r in rows if r["size"] == mid)
+    rows = [measure(work, k, 2, a.block_size) for k in sizes]
+    # packing at 1 vs 2 CPUs: this machine's speed drifts by tens of percent over minutes (shared hosts), so the
+    # two alternate, `--pairs` times, and the ratio is the median of each pair's
+    pairs = [(measure(work, mid, 1, a.block_size, 3), measure(work, mid, 2, a.block_size, 3)) for _ in range(a.pairs)]
+    ratios = sorted(two["pack_tokens_per_s"] / one["pack_tokens_per_s"] for one, two in pairs)
+    one_cpu, two_cpu = pairs[0]
     print(f"{'size':>6} {'MB':>8} {'train tokens':>14} {'blocks':>7} {'driver peak RSS':>16} {'bytes/token':>12} "
           f"{'prepare tokens/s':>17}")
     for r in [*rows, one_cpu]:
@@ -134,11 +141,12 @@ def main() -> None:
     rss = [r["driver_peak_rss_mb"] for r in rows]
     growth = rss[-1] / rss[0]
     worst = max(r["bytes_per_token"] for r in rows)
-    speedup = two_cpu["pack_tokens_per_s"] / one_cpu["pack_tokens_per_s"]
+    speedup = ratios[len(ratios) // 2]
     print(f"driver peak RSS {sizes[-1]}x / {sizes[0]}x: {growth:.3f} (target <= 1.10)")
     print(f"object-store bytes per token: {worst:.2f} at most (target <= 4)")
-    print(f"pack of the {mid}x train split, workers warm: {one_cpu['pack_tokens_per_s']:,.0f} tokens/s at 1 CPU, "
-          f"{two_cpu['pack_tokens_per_s']:,.0f} at 2: {speedup:.2f}x (target >= 1.7)")
+    print(f"pack of the {mid}x train split, workers warm, 1 vs 2 CPUs alternating: " + ", ".join(
+        f"{one['pack_tokens_per_s']:,.0f} vs {two['pack_tokens_per_s']:,.0f}" for one, two in pairs)
+        + f" tokens/s: {speedup:.2f}x, the median of {', '.join(f'{r:.2f}' for r in ratios)} (target >= 1.7)")
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes share them)")
 
 
