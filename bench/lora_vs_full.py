@@ -2,12 +2,13 @@
 optimizer-state size, tokens/s and final task quality, printed as ratios LoRA / full.
 
     .venv/bin/python bench/lora_vs_full.py                                   # jobs/configs/tiny-cpu.yaml, both runs
-    .venv/bin/python bench/lora_vs_full.py --examples 50 optim.max_steps=200 # smaller
+    .venv/bin/python bench/lora_vs_full.py --examples 50 optim.max_steps=200 \
+        --lora model.peft.method=lora model.peft.r=5 model.peft.alpha=10 optim.lr=1e-2 optim.max_steps=500  # smaller
 
 Both runs take the config and the overrides; the LoRA run adds `--lora` (default: rank 5 on every linear layer,
 alpha 10, lr 1e-2 for 1,500 steps: adapters start at zero and need a larger step than full weights, and more of
-them; the table prints both runs' steps and training seconds, so the time that buys is in the figures). Peak worker memory is the
-largest resident set of one Ray Train worker, sampled every 0.2 s (on a GPU machine DeepSpeed's own memory
+them; the table prints both runs' steps and training seconds, so the time that buys is in the figures). Peak
+worker memory is the largest resident set of one Ray Train worker, sampled every 0.2 s (on a GPU machine DeepSpeed's own memory
 lines are in the job log); the optimizer state is the size of the last checkpoint's ZeRO optimizer files (fp32
 master weights + Adam moments); tokens/s is training tokens over training seconds (validation excluded).
 
