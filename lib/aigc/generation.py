@@ -13,7 +13,8 @@ server uses): a new group is prefilled on its own and joins the batch at the nex
 
 The pieces: :mod:`aigc.sampling` (SamplingParams and the free :func:`~aigc.sampling.sample`),
 :class:`Row` here (a row's text, stop strings and UTF-8), :mod:`aigc.kvcache` (the cache surgery, tied to
-transformers' internals), and :class:`BatchStream`, which only schedules.
+transformers' internals), :mod:`aigc.decode` (a plain GPT-2's forward without transformers' per-call Python:
+the same logits), and :class:`BatchStream`, which only schedules.
 
 Context limit: a prompt must fit in the model's positions with room for one new token
 (``prompt_tokens <= max_positions - 1``); a row stops with ``finish_reason="length"`` when it reaches
