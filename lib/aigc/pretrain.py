@@ -170,12 +170,13 @@ def ensure_base(cfg: FinetuneConfig, build: Builder | None = None) -> str:
     remote = storage.is_uri(root)
     out = storage.join(root, fingerprint)
     shown = storage.redact(out)
-    if remote:
-        storage.check_writable(root)  # an unreachable or unauthorised bucket fails here, not after the build
     if _cached(out, fingerprint):
         print(f"[aigc] embedded base: reusing {shown}", flush=True)
         return out
-    with _locked(Path(os.path.expanduser(LOCKS)) / f"{fingerprint}.lock" if remote else Path(root) / f"{fingerprint}.lock"):
+    if remote:  # an unreachable or unauthorised bucket fails here, not after the build (not probed on a reuse)
+        storage.check_writable(root)
+    lock = Path(os.path.expanduser(LOCKS) if remote else root) / f"{fingerprint}.lock"
+    with _locked(lock):
         if _cached(out, fingerprint):  # built by the caller we waited for
             print(f"[aigc] embedded base: reusing {shown}", flush=True)
             return out
