@@ -37,9 +37,10 @@ PII_KINDS = ("email", "phone", "card", "national_id")
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAMPLE_ROWS = 1000  # rows of every file the driver checks before Ray starts; the cluster checks every row
 CHUNK_ROWS = 1000  # rows per table a read task yields (Ray joins them into blocks)
-BLOCK_ROWS = 1000  # rows per block, about: one tokenise/pack task each
+BLOCK_ROWS = 2000  # rows per block, about: one tokenise/pack task each (a task costs Ray ~40 ms on its own)
 READ_CPUS = 0.25  # a read task only splits lines; a different CPU request keeps Ray from fusing it with the
 # tokenising map, so a single file's blocks are tokenised by parallel tasks, not by its one read task
+READ_AHEAD_BLOCKS = 8  # blocks a read task may yield before its consumer takes them (Ray Data's default: 2)
 
 # ----------------------------------------------------------------------------------- compact tokens
 #
@@ -491,10 +492,19 @@ def column_sums(ds: Any, columns: list[str]) -> dict[str, int]:
 def ordered() -> None:
     """Ray Data keeps block order through every map: the packed rows, and so each rank's shard (and a resumed
     run's position in it), are the same on every run. And a map task's own exception (a DataError naming a
-    bad row) reaches the driver as itself, not as Ray Data's "UDF failed"."""
+    bad row) reaches the driver as itself, not as Ray Data's "UDF failed".
+
+    And the tokenise/pack tasks get every CPU: by default Ray Data reserves half the cluster's resources,
+    split evenly, for each operator of a pipeline, so on a small cluster the read (a fraction of a CPU,
+    waiting on nothing) kept the tokenising operator to about one task at a time (measured on 2 CPUs: 50
+    pack tasks run one after another; bench/data_scaling.py). These pipelines are two operators that are
+    run to completion, read then pack, with nothing downstream to starve; and a read task may run further
+    ahead of its consumer (8 blocks, not 2) so that it finishes and frees its CPU share sooner."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.raise_original_map_exception = True
+    ctx.op_resource_reservation_enabled = False
+    ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
 
 
 def find_data_error(e: BaseException) -> DataError | None:
