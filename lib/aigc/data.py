@@ -41,10 +41,10 @@ from aigc.splits import (
     SplitSource,
     check_file,
     column_sums,
+    data_context,
     data_files,
     file_splits,
     materialize,
-    ordered,
     sample,
     token_dtype,
 )
@@ -170,7 +170,7 @@ def to_ray_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_bat
     store, and count them; the driver sees only the counts."""
     if cfg.format != "text":
         return task_blocks(splits, tokenizer, cfg, docs_per_batch)
-    ordered()
+    data_context()
     pack = make_packer(tokenizer, cfg.block_size, cfg.scrub_pii)
     counted = ["n_tokens", *(f"pii_{k}" for k in PII_KINDS if cfg.scrub_pii)]
     out = PackedData({}, {}, {}, dict.fromkeys(PII_KINDS, 0))

@@ -489,10 +489,11 @@ def column_sums(ds: Any, columns: list[str]) -> dict[str, int]:
     return sums
 
 
-def ordered() -> None:
-    """Ray Data keeps block order through every map: the packed rows, and so each rank's shard (and a resumed
-    run's position in it), are the same on every run. And a map task's own exception (a DataError naming a
-    bad row) reaches the driver as itself, not as Ray Data's "UDF failed".
+def data_context() -> None:
+    """The driver's Ray Data settings for preparing data. Block order is kept through every map: the packed
+    rows, and so each rank's shard (and a resumed run's position in it), are the same on every run. A map
+    task's own exception (a DataError naming a bad row) reaches the driver as itself, not as Ray Data's
+    "UDF failed".
 
     And the tokenise/pack tasks get every CPU: by default Ray Data reserves half the cluster's resources,
     split evenly, for each operator of a pipeline, so on a small cluster the read (a fraction of a CPU,
@@ -509,7 +510,7 @@ def ordered() -> None:
 
 def find_data_error(e: BaseException) -> DataError | None:
     """The DataError a Ray Data task raised, from the exception the driver got (a RayTaskError whose `cause`
-    it is, with `raise_original_map_exception`; see `ordered`)."""
+    it is, with `raise_original_map_exception`; see `data_context`)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -43,11 +43,11 @@ from aigc.splits import (
     SplitSource,
     check_file,
     column_sums,
+    data_context,
     data_files,
     file_rows,
     file_splits,
     materialize,
-    ordered,
     sample,
     token_dtype,
     where,
@@ -406,7 +406,7 @@ def task_blocks(splits: Splits, tokenizer: Any, cfg: DataSection, docs_per_batch
     """Read, validate, render, tokenise, mask, truncate and pack (or pad) every split in Ray Data tasks
     (`make_task_packer`), materialise the compact rows, and count them; rows that cannot be used stop the
     run, named, before any Train worker starts."""
-    ordered()
+    data_context()
     pack = make_task_packer(tokenizer, cfg)
     counted = ["n_tokens", "n_loss", *(f"n_{c}" for c in COUNTS), *(f"pii_{k}" for k in PII_KINDS if cfg.scrub_pii)]
     packed = PackedData({}, {}, {}, dict.fromkeys(PII_KINDS, 0))
