@@ -82,6 +82,8 @@ def test_debug_level_brings_everything_back(tmp_path):
     out = run_job(tmp_path, "run.name=loud", "optim.max_steps=10", "run.samples=0", "run.evaluate=false",
                   level="debug")
     kinds = {line.split(":")[0] for line in noise_lines(out)}
-    assert {"Ray Train per-report INFO", "Ray Train checkpoint INFO", "Ray Data execution INFO",
-            "torch FutureWarning (DeepSpeed's collectives)"} <= kinds
+    # Log records that the worker hook drops at info, from the workers and the driver. Not torch's FutureWarning
+    # about DeepSpeed's collective: the same hook filters it (unit-tested in test_console), and CI once saw this
+    # job end without it while every worker record came back, so whether it shows is torch's and Ray's to say.
+    assert {"Ray Train per-report INFO", "Ray Train checkpoint INFO", "Ray Data execution INFO"} <= kinds
     assert re.search(r"\[aigc\] loud step +10 \| val loss", out)

@@ -54,6 +54,19 @@ def test_unknown_warning_from_a_known_module_still_shows(filters):
     assert shown(msg, FutureWarning, "torch.distributed.c10d_logger") == [msg]
 
 
+@pytest.mark.parametrize("lvl, expected", [("info", []), ("debug", [TORCH_MSG])])
+def test_the_worker_hook_filters_at_info_and_lets_everything_through_at_debug(filters, monkeypatch, lvl, expected):
+    monkeypatch.setenv(console.LEVEL_ENV, lvl)
+    for k in console.QUIET_ENV:  # setup_worker sets these when absent; give them back afterwards
+        monkeypatch.delenv(k, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # a fresh worker process
+        console.setup_worker()
+        warnings.warn_explicit(TORCH_MSG, FutureWarning, filename="torch/distributed/c10d_logger.py", lineno=83,
+                               module="torch.distributed.c10d_logger", registry={})
+    assert [str(w.message) for w in caught] == expected
+
+
 def test_known_log_record_is_dropped_only_on_its_logger(filters, caplog):
     msg = "`loss_type=None` was set in the config but it is unrecognized. Using the default loss: `ForCausalLMLoss`."
     caplog.set_level(logging.WARNING)
