@@ -11,6 +11,12 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Serve through HAProxy as a user's local Ray does (aigc.serving.args.serve_env): every Ray a test starts, in this
+# process or a `ray start` subprocess, inherits it
+from aigc.serving.args import serve_env  # noqa: E402
+
+serve_env()
+
 
 def has_cuda() -> bool:
     try:
