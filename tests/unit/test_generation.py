@@ -489,8 +489,8 @@ def test_a_plain_gpt2_decodes_through_the_lean_forward_with_transformers_logits(
     from aigc.decode import lean_forward
     from aigc.generation import BatchStream
 
-    def run(lean: bool) -> tuple[list[dict[int, torch.Tensor]], list]:
-        stream = BatchStream(lm.model, lm.tokenizer, max_batch_size=8, lean=lean)
+    def run(lean: bool, model=lm.model) -> tuple[list[dict[int, torch.Tensor]], list]:
+        stream = BatchStream(model, lm.tokenizer, max_batch_size=8, lean=lean)
         stream.add(["Save", "Our new noise-cancelling headphones"], [GREEDY, SamplingParams(temperature=0, max_tokens=4)])
         steps = []
         for step in range(20):
@@ -516,3 +516,18 @@ def test_a_plain_gpt2_decodes_through_the_lean_forward_with_transformers_logits(
     other.config.scale_attn_by_inverse_layer_idx = True
     assert lean_forward(other) is None
     assert lean_forward(other.train()) is None and lean_forward(lm.model.transformer) is None
+    # its plan is kept per model: a layer swapped in place (as peft injects LoRA) turns it off until it is back,
+    # and weights changed in place show through
+    tuned = copy.deepcopy(lm.model)
+    assert lean_forward(tuned) is not None
+    attn = tuned.transformer.h[0].attn
+    original, attn.c_attn = attn.c_attn, torch.nn.Identity()
+    assert lean_forward(tuned) is None
+    attn.c_attn = original
+    assert lean_forward(tuned) is not None
+    with torch.no_grad():
+        tuned.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
+    changed_steps, _ = run(True, tuned)
+    assert (changed_steps[0][0] - lean_steps[0][0]).abs().max() > 1e-3
+    assert all((a[r] - b[r]).abs().max() <= 1e-5 for a, b in zip(changed_steps, run(False, tuned)[0], strict=True)
+               for r in a)
