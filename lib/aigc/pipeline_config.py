@@ -21,8 +21,8 @@ class DeploySection(Strict):
 
     app_name: str = Field("aigc", description="Serve application name; deploying again updates it in place")
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the app (its /v1 lives under it)")
-    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy (0.0.0.0 to listen on all interfaces)")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
+    host: str = Field("127.0.0.1", description="HTTP host of Serve's ingress (HAProxy, or Serve's proxy; 0.0.0.0 to listen on all interfaces)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's ingress")
     args: dict[str, Any] = Field(
         default_factory=dict, description="ServeArgs fields (see aigc.serving.args) except model_dir, e.g. num_cpus; "
         "with as_adapter only api_keys is read (the key the smoke requests send: the running app keeps its args)"

@@ -10,7 +10,8 @@ shared generation path (`aigc.generation.BatchStream`) with continuous batching:
 replica that requests join at the next step and leave when done. (`@serve.batch` forms a batch, runs it
 to the end and only then takes the next one; under steady load that fragments into small batches.)
 Serve itself does the rest: replicas autoscale on ongoing requests, `max_ongoing_requests` caps a
-replica's concurrency, and `max_queued_requests` turns overload into a quick 503 at the proxy.
+replica's concurrency, and `max_queued_requests` turns overload into a quick 503. HTTP reaches the ingress
+replicas through HAProxy where it is installed (aigc.serving.args.serve_env).
 
 Routes (under the route prefix):
     POST /v1/completions        OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
@@ -133,7 +134,7 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 def route_path(scope: Mapping[str, Any]) -> str:
-    """A request's path below the app's route prefix (Serve's proxy moves the prefix into `root_path`)."""
+    """A request's path below the app's route prefix (Serve moves the prefix into `root_path`)."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root):]
@@ -701,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
     parser.add_argument("--app-name", default="aigc", help="Serve application name")
     parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the app")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's proxy (0.0.0.0 to expose)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's ingress (0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=None, help="Ray address (default: a running cluster, else local)")
     parser.add_argument("--blocking", action="store_true", help="stay in the foreground until Ctrl-C")
