@@ -52,6 +52,7 @@ from aigc.config import (
     to_yaml,
 )
 from aigc.corpus import DEFAULT_GRAMMAR
+from aigc.data import load_splits
 from aigc.finetune import BEST_DIR, FinetuneResult, clean_run, run_finetune, run_location
 from aigc.layout import RUN_CONFIG
 from aigc.modeldir import METADATA, ModelDirError, copy_model_dir, verify_model_dir
@@ -206,9 +207,13 @@ def ensure_base(cfg: FinetuneConfig, build: Builder | None = None) -> str:
 
 def resolve_base(cfg: FinetuneConfig, build: Builder | None = None) -> FinetuneConfig:
     """`cfg` with `model.name_or_path: embedded` replaced by the cached base's directory (built if needed);
-    any other config is returned as it is. Entry points call this once, before anything trains."""
+    any other config is returned as it is. Entry points call this once, before anything trains.
+
+    The run's data is checked first (`load_splits`: files, columns, a sample of each, well under a second), so a
+    bad file fails in seconds, not after the minutes a first use spends pre-training the base."""
     if cfg.model.name_or_path != EMBEDDED_BASE:
         return cfg
+    load_splits(cfg.data)
     path = ensure_base(cfg, build)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": path})})
 

@@ -3,6 +3,7 @@ the pre-training itself is replaced by a builder that copies a tiny model direct
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aigc.config import ConfigError, FinetuneConfig, PretrainRecipe, load_config, to_yaml
+from aigc.data import DataError
 from aigc.finetune import prepare_base
 from aigc.modeldir import verify_model_dir
 from aigc.pretrain import ROLE, base_fingerprint, ensure_base, pretrain_config, resolve_base
@@ -182,6 +184,15 @@ def test_resolve_base_swaps_in_the_cached_path(tmp_path, tiny_model_dir):
     assert resolve_base(resolved, build) is resolved and len(build.runs) == 1  # resolving twice is a no-op
     plain = load_config(FinetuneConfig, None, ["model.name_or_path=gpt2"])
     assert resolve_base(plain, build) is plain
+
+
+def test_a_bad_data_file_fails_before_the_base_is_built(tmp_path, tiny_model_dir):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "text under the wrong column"}) + "\n")
+    cfg, build = embedded_cfg(tmp_path, "data.source=files", "data.format=text",
+                              f"data.train_files=[{tmp_path / 'd.jsonl'}]"), FakeBuilder(tiny_model_dir)
+    with pytest.raises(DataError, match=r"d\.jsonl: no column 'text' \(data\.text_column\)"):
+        resolve_base(cfg, build)
+    assert build.runs == [] and not (tmp_path / base_fingerprint(cfg.model.pretrain)).exists()
 
 
 def test_unresolved_embedded_base_is_refused_by_the_driver(tmp_path):
