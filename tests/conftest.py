@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import NamedTuple
 
 import pytest
@@ -16,6 +17,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from aigc.serving.args import serve_env  # noqa: E402
 
 serve_env()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(state_dir: str | None = None) -> dict[str, str]:
+    """Settings for the HAProxy of a Ray a test starts: its stats and Prometheus listeners on free ports (Ray's
+    defaults, 8404 and 9101, are one per machine: two test clusters that both serve would collide, and an HAProxy
+    orphaned by a killed cluster would break every later one). With state_dir, its config, sockets and state live
+    there, so a clean-up that finds a cluster's processes by its temp dir finds HAProxy too."""
+    env = {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    if state_dir is not None:
+        base = os.path.join(state_dir, "hap")  # Ray adds the node id: the socket paths stay under 108 characters
+        env.update({"RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
+                    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{base}/haproxy.cfg",
+                    "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{base}/admin.sock",
+                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock"})
+    return env
 
 
 def has_cuda() -> bool:
@@ -48,6 +71,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.update(haproxy_env())  # read by the Serve processes this cluster starts, which inherit them
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ctx
     try:

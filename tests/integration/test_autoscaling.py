@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import yaml
 from private_head import own_processes, stop_private_head
 
 from aigc.placement import NodeType, load_cluster, node_types, place
-from conftest import TEXT_RANDOM
+from conftest import TEXT_RANDOM, free_port, haproxy_env
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +48,6 @@ BIN = Path(sys.executable).parent
 HEAD = {"CPU": 1}
 IDLE_TIMEOUT_MINUTES = 0.1  # 6 s: removal is observed within the test (cluster.yaml: 10 min)
 OBJECT_STORE = 100 * 2**20  # per fake node; all of them share this machine's /dev/shm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -120,6 +113,7 @@ class FakeAutoscalingCluster:
             "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "PATH": f"{BIN}:{env.get('PATH', '')}",
             # the cluster must speak the auth mode this process will connect with
             "RAY_AUTH_MODE": "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled",
+            **haproxy_env(self.temp),
         })
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--temp-dir={self.temp}",
                f"--autoscaling-config={path}", f"--num-cpus={self.head.get('CPU', 0)}", "--num-gpus=0",

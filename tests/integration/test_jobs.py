@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import pytest
 from private_head import stop_private_head
 from test_output import noise_lines
 
-from conftest import TEXT_RANDOM
+from conftest import TEXT_RANDOM, free_port, haproxy_env
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,12 +24,6 @@ JOB = ["jobs/finetune.py", "--config", "jobs/configs/tiny-cpu.yaml"]
 SMALL = ["data.embedded.n_train=1200", "data.embedded.n_validation=150", "data.embedded.n_test=150",
          "data.block_size=64", "model.arch.n_embd=32", "model.arch.vocab_size=400", "optim.max_steps=20",
          "optim.warmup_steps=2", "eval.every_steps=10", "run.samples=1", *TEXT_RANDOM]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_job(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -61,7 +54,7 @@ def head_node():
     temp = tempfile.mkdtemp(prefix="aigc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     # a user's shell: without conftest's RAY_DEDUP_LOGS=0, which also turns off Ray's skip regex for forwarded lines
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}, "RAY_AUTH_MODE": "token",
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "PATH": f"{BIN}:{os.environ['PATH']}", **haproxy_env(temp)}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],

@@ -10,22 +10,17 @@ every generation the one the shared generation path gives.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.integration
 
 NAME, KEY, DOCS = "base", "lm-eval-key", 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def served_base(embedded_base, ray_local):
 
     from aigc.serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_dir": embedded_base.path, "model_name": NAME, "api_keys": [KEY], "num_cpus": 0.5,
                          "autoscaling": {"min_replicas": 1, "max_replicas": 1}}), name="lm-eval", route_prefix="/")

@@ -8,7 +8,6 @@ replaced, a new model replaces the old with no failed request, and overload is a
 
 import importlib.util
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +29,6 @@ GOOD = {"model": NAME, "prompt": "Save", "max_tokens": 3, "temperature": 0}
 # uses them. The tiny model's outputs change with its corpus, and some are lone bytes (U+FFFD), so the first
 # prompt whose continuation has whole printable characters there is the one.
 MOD_PROMPTS = ("Free shipping", "Save big on", "Hurry, get", "Only today")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model_dir, blocked: str, **over):
@@ -91,7 +86,7 @@ def served(ray_local, tiny_model_dir, lm):
             break
     else:
         raise AssertionError(f"no greedy continuation with a printable term: {tried}")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_args(tiny_model_dir, blocked)), name=APP, route_prefix="/")
     # tests that redeploy record the model they left behind in "model_dir"
@@ -478,25 +473,41 @@ def _replica_logs(marker: str, timeout: float = 20) -> str:
     return text
 
 
-@pytest.mark.xfail(strict=False, reason="timing: the session's tiny model now decodes its 110 tokens (the most its 128 "
-                   "positions allow) in ~200 ms, often before the hang-up reaches the replica; needs a model with a "
-                   "longer context for this test (noted on issue 14)")
-def test_a_client_that_goes_away_frees_its_row(served):
-    # 110 greedy tokens (no early EOS: " the the the thennnn...") take a few hundred ms; the hang-up
-    # after the first chunk normally reaches the replica long before that. On a starved machine it
-    # may not, so up to 3 tries.
-    body = {"model": NAME, "prompt": "Introducing the", "max_tokens": 110, "stream": True, "temperature": 0}
-    for _ in range(3):
-        r = requests.post(served["url"] + "/v1/completions", headers=AUTH, json=body, stream=True, timeout=60)
+def test_a_client_that_goes_away_frees_its_row(served, lm, tmp_path):
+    # On the session's model (128 positions) a request decodes at most ~110 tokens, done in ~50 ms, often before a
+    # hang-up reaches the replica. A model with 4,096 positions decoding 4,000 greedy tokens takes seconds.
+    from ray import serve
+
+    from aigc.config import TinyArch
+    from aigc.generation import SamplingParams, generate
+    from aigc.modeldir import save_model_dir
+    from aigc.modeling import build_tiny_gpt2
+    from aigc.serving.app import build_app
+
+    long = 4000
+    model = build_tiny_gpt2(TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300), len(lm.tokenizer), long + 96,
+                            lm.tokenizer.eos_token_id)
+    model.eval()
+    prompts = ["Introducing the", "Save big on", "Our new", "Meet the all-new"]
+    # a prompt whose greedy continuation runs the whole way (no EOS): only a hang-up can end it early
+    prompt = next((p for p in prompts if generate(model, lm.tokenizer, [p], SamplingParams(
+        temperature=0, max_tokens=long))[0].finish_reason == "length"), None)
+    assert prompt is not None, "every greedy continuation met EOS: choose other prompts"
+    long_dir = save_model_dir(model, lm.tokenizer, tmp_path / "long", config={"test": True}, metrics={}, step=0)
+    serve.run(build_app(_args(long_dir, served["blocked"], **{"limits.max_tokens": long, "autoscaling.max_replicas": 1})),
+              name="long", route_prefix="/long")
+    try:
+        body = {"model": NAME, "prompt": prompt, "max_tokens": long, "stream": True, "temperature": 0}
+        r = requests.post(served["url"] + "/long/v1/completions", headers=AUTH, json=body, stream=True, timeout=60)
         assert r.status_code == 200, (r.status_code, r.headers)
         first = next(line for line in r.iter_lines() if line)
         rid = json.loads(first.removeprefix(b"data: "))["id"]
         r.close()  # hang up after the first chunk
         line = next(x for x in _replica_logs(f"{rid} ").splitlines() if f"{rid} " in x)
-        if f"{rid} 499 " in line:
-            break
-    assert f"{rid} 499 " in line, line  # the replica saw the client go...
-    assert int(line.split("completion_tokens=")[1].split()[0]) < 110  # ...and stopped decoding for it
+        assert f"{rid} 499 " in line, line  # the replica saw the client go...
+        assert int(line.split("completion_tokens=")[1].split()[0]) < long  # ...and stopped decoding for it
+    finally:
+        serve.delete("long")
     assert _post(served, GOOD).status_code == 200
 
 

@@ -10,7 +10,6 @@ training LoRA under Ray Train and ZeRO, and its export, are tests/integration/te
 from __future__ import annotations
 
 import random
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from aigc.generation import max_positions
 from aigc.lora import trainable_model
 from aigc.modeldir import load_model, save_adapter_dir
 from aigc.taskdata import encode_example, fit_example, pad_id
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SLICES = ("footwear", "audio")  # two categories of the embedded task: one adapter each
 LORA = ["model.peft.method=lora", "model.peft.r=8", "model.peft.alpha=16", "model.train_top_n_blocks=0"]
 STEPS, BATCH, LR = 30, 16, 1e-2  # ~3 s of training per adapter on the session's tiny base (one thread)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rows_by_slice(n: int, seed: int) -> dict[str, list[dict]]:
@@ -89,7 +83,7 @@ def served(ray_local, embedded_base, trained):
 
     from aigc.serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "api_keys": [KEY],
            "limits": {"max_tokens": 64}}
