@@ -37,7 +37,6 @@ from aigc.lora import trainable_model
 from aigc.modeldir import save_adapter_dir, save_model_dir
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.serving.app import build_app
-from aigc.serving.args import serve_env
 
 
 def build(out: Path, layers: int, width: int, vocab: int, n: int, rank: int) -> tuple[str, str, str, int]:
@@ -87,7 +86,6 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         base, folder, merged, params = build(Path(tmp), a.layers, a.width, a.vocab, a.adapters, a.rank)
-        serve_env()  # as `aigc serve` does
         ray.init(address="local", include_dashboard=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -155,8 +155,8 @@ def streamed(url: str, max_tokens: int, n: int, ttft: list[float], itl: list[flo
 
 def deploy_noop() -> None:
     """Two empty Serve deployments: /noop answers {} (the least any Serve request costs on this machine), and
-    /noop-body reads the request body first, as every POST route must (behind Serve's Python proxy the replica
-    fetches the body with a call back to the proxy; behind HAProxy it reads it from its own connection)."""
+    /noop-body reads the request body first, as every POST route must: Serve's replica fetches the body
+    from the proxy with a call back to it, after the request itself arrived."""
     from ray import serve
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -218,13 +218,11 @@ def main() -> int:
     from aigc.generation import SamplingParams, generate
     from aigc.modeldir import load_model
     from aigc.serving.app import build_app
-    from aigc.serving.args import serve_env
 
-    serve_env()  # as `aigc serve` does; RAY_SERVE_ENABLE_HA_PROXY=0 measures Serve's Python proxy instead
-    ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"
     model_dir = a.model or tiny_model_dir(tempfile.mkdtemp(prefix="aigc-bench-"))
+    ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"
     print(f"model {model_dir}, {a.max_tokens} new tokens per request, {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}, ingress: {ingress}")
+          f"load average {os.getloadavg()[0]:.1f}, ingress: {ingress} (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy)")
     torch.set_num_threads(a.torch_threads)  # as in a replica (ServeArgs.torch_threads)
     lm = load_model(model_dir)
     model, tok = lm.model, lm.tokenizer
@@ -291,9 +289,9 @@ def main() -> int:
               f"same request over HTTP minus in-process)")
         print(f"  an empty Serve deployment answers in {empty:.1f} ms p50 (median over rounds), so aigc's own request "
               f"path costs {add - empty:.1f} ms above it; target <= 1 ms: {'met' if add - empty <= 1 else 'NOT met'}")
-        print(f"  an empty deployment that reads the request body answers in {empty_body:.1f} ms p50 (reading the "
-              f"body: {empty_body - empty:+.1f} ms), so {add - empty_body:.1f} ms is aigc's above what any POST route "
-              f"costs on Serve")
+        print(f"  an empty deployment that reads the request body answers in {empty_body:.1f} ms p50 (Serve's call "
+              f"back to the proxy for the body: {empty_body - empty:.1f} ms), so {add - empty_body:.1f} ms is aigc's "
+              f"above what any POST route costs on Serve")
     if ttft:
         print(f"streamed at concurrency 1: time to first token p50 {pct(ttft, 0.5) * 1e3:.1f} ms, p99 "
               f"{pct(ttft, 0.99) * 1e3:.1f} ms; inter-token latency p50 {pct(itl, 0.5) * 1e3:.2f} ms, p99 "

