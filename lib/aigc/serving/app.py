@@ -11,7 +11,8 @@ replica that requests join at the next step and leave when done. (`@serve.batch`
 to the end and only then takes the next one; under steady load that fragments into small batches.)
 Serve itself does the rest: replicas autoscale on ongoing requests, `max_ongoing_requests` caps a
 replica's concurrency, and `max_queued_requests` turns overload into a quick 503. HTTP reaches the ingress
-replicas through HAProxy where it is installed (aigc.serving.args.serve_env).
+replicas through Serve's proxy, or through HAProxy where the nodes set RAY_SERVE_ENABLE_HA_PROXY=1 (opt-in:
+docs/serving.md says why).
 
 Routes (under the route prefix):
     POST /v1/completions        OpenAI completions, JSON or server-sent events (`stream: true`, ends `[DONE]`)
