@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -563,11 +564,50 @@ def test_an_adapter_of_another_base_is_refused_before_serving_naming_both_finger
     assert f"fingerprint {theirs[:16]}" in problem and f"has fingerprint {ours[:16]}" in problem
 
 
+def engine_metrics() -> SimpleNamespace:
+    """What an engine records into, without Ray: the gauges and the batch-size histogram, doing nothing."""
+    gauge = SimpleNamespace(set=lambda *a, **k: None, observe=lambda *a, **k: None)
+    return SimpleNamespace(queued=gauge, running=gauge, batch_size=gauge)
+
+
+def test_a_json_answer_takes_its_deltas_at_the_end_and_a_stream_as_they_come(tiny_model_dir):
+    """Two requests decode together: the streamed one receives each delta in the step that made it, the JSON one
+    (eager=False) all of them after its last step, in one wake-up; both get what `generate` gives alone."""
+    import asyncio
+
+    from aigc.generation import SamplingParams, generate
+    from aigc.modeldir import load_model
+    from aigc.serving.args import BatchingArgs
+    from aigc.serving.engine import BatchingEngine
+
+    metrics = engine_metrics()
+    lm = load_model(tiny_model_dir)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    prompt = [5, 9, 30]
+    [alone] = generate(lm.model, lm.tokenizer, [prompt], greedy)
+    assert len(alone.token_ids) == 10
+
+    async def run() -> dict[bool, list[tuple[int, str]]]:
+        engine = BatchingEngine(lm.model, lm.tokenizer, BatchingArgs(), metrics)
+
+        async def take(eager: bool) -> list[tuple[int, str]]:
+            return [(engine._steps, d.text) async for d in engine.stream(prompt, greedy, eager)]
+
+        streamed, answered = await asyncio.gather(take(True), take(False))
+        return {True: streamed, False: answered}
+
+    got = asyncio.run(run())
+    for eager in (True, False):
+        assert "".join(text for _, text in got[eager]) == alone.text
+    steps = [step for step, _ in got[True]]
+    assert steps == sorted(set(steps)) and len(steps) >= 2  # one wake-up per step with text
+    assert {step for step, _ in got[False]} == {steps[-1]}  # all after the last step, at once
+
+
 def test_adapter_host_switches_adapters_per_step_and_unloads(tiny_model_dir, adapter_dirs):
     """Requests for the base and two adapters decode at once on one model (steps interleaved), each exactly as
     its model alone answers; an unloaded adapter leaves the model and the rest keep answering."""
     import asyncio
-    from types import SimpleNamespace
 
     from aigc.generation import SamplingParams, generate
     from aigc.modeldir import load_model
@@ -575,8 +615,7 @@ def test_adapter_host_switches_adapters_per_step_and_unloads(tiny_model_dir, ada
     from aigc.serving.args import BatchingArgs
     from aigc.serving.engine import AdapterHost
 
-    gauge = SimpleNamespace(set=lambda *a, **k: None, observe=lambda *a, **k: None)
-    metrics = SimpleNamespace(queued=gauge, running=gauge, batch_size=gauge)
+    metrics = engine_metrics()
     greedy = SamplingParams(temperature=0, max_tokens=12)
     prompts = [[5, 9, 30], [7, 2]]
 

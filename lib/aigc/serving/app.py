@@ -381,7 +381,9 @@ class ModelCore:
             yield index, "", "content_filter", []
             return
         text, hit = "", False
-        async with aclosing(call.engine.stream(call.parsed.prompt_ids[seq.prompt], seq.params)) as deltas:
+        # a JSON answer takes the deltas at the end (one wake-up, not one per token); moderation cuts the same text
+        eager = bool(call.parsed.request.stream)
+        async with aclosing(call.engine.stream(call.parsed.prompt_ids[seq.prompt], seq.params, eager)) as deltas:
             async for d in deltas:
                 r.n_tokens, r.token_ids = d.n_tokens, d.token_ids or r.token_ids
                 r.prompt_logprobs = d.prompt_logprobs or r.prompt_logprobs
