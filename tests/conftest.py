@@ -90,9 +90,9 @@ def _no_leaked_process_group():
         pass
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """An exported aigc model directory: tokenizer trained on the embedded corpus, tiny random GPT-2."""
+def save_tiny_model_dir(out, n_embd: int = 32):
+    """An exported aigc model directory at `out`: tokenizer trained on the embedded corpus, tiny random GPT-2 of
+    2 layers and 2 heads, `n_embd` wide."""
     from aigc.config import TinyArch
     from aigc.corpus import sample_ads
     from aigc.modeldir import save_model_dir
@@ -100,9 +100,15 @@ def tiny_model_dir(tmp_path_factory):
 
     texts = [d["text"] for d in sample_ads(300, seed=1)]
     tok = train_tokenizer(texts, vocab_size=300)
-    model = build_tiny_gpt2(TinyArch(n_layer=2, n_embd=32, n_head=2, vocab_size=300), len(tok), 128, tok.eos_token_id)
-    out = tmp_path_factory.mktemp("models") / "tiny"
+    arch = TinyArch(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=300)
+    model = build_tiny_gpt2(arch, len(tok), 128, tok.eos_token_id)
     return save_model_dir(model, tok, out, config={"test": True}, metrics={}, step=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An exported aigc model directory: tokenizer trained on the embedded corpus, tiny random GPT-2."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")
 
 
 # The mechanics tests (ZeRO stages, resume, jobs, search, autoscaling, output) run the plain-text path on a random

@@ -69,8 +69,8 @@ class Delta:
 
 
 def max_positions(model: Any) -> int:
-    """The model's context length (GPT-2: n_positions; most others: max_position_embeddings)."""
-    cfg = model.config
+    """The context length of a model or its config (GPT-2: n_positions; most others: max_position_embeddings)."""
+    cfg = getattr(model, "config", model)
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

@@ -280,6 +280,7 @@ def load_model(
     dtype: Any = None,
     require_metadata: bool = True,
     base: str | os.PathLike | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """The one loader. An aigc model directory is verified first; with `require_metadata=False` a plain
     hub id or local `save_pretrained` directory (a base model) loads too, still safetensors-only.
@@ -287,13 +288,19 @@ def load_model(
     An adapter-only directory (exported with `export.merge: false`) loads its recorded base, or `base` when
     given, verifies that base's fingerprint against the recorded one, and returns the merged model. An
     object-store URI loads from this node's verified copy (`local_dir`) and keeps the URI as the model's name,
-    so what a run records of its base (a LoRA adapter's) names the bucket, not one node's cache."""
+    so what a run records of its base (a LoRA adapter's) names the bucket, not one node's cache.
+
+    `weights=False`: the same checks and the tokenizer, but no model (`model` is None): for an engine that loads
+    the weights itself (vLLM), which serves a merged directory only."""
     uri = str(path) if storage.is_uri(path) else None
     path = local_dir(path)
     is_aigc = os.path.isfile(os.path.join(path, METADATA))
     if is_aigc:
         meta = verify_model_dir(path)
         ad = meta.get("adapter")
+        if ad and not ad["merged"] and not weights:
+            raise ModelDirError(f"{path}: an adapter-only directory; this engine serves merged models (export the "
+                                "adapter with export.merge: true)")
         if ad and not ad["merged"]:
             base = str(base or ad["base"]["name_or_path"])
             base_fp = check_adapter_base(meta, base, path)
@@ -310,6 +317,8 @@ def load_model(
                 raise ModelDirError(f"{path}: only pickle-based weights {unsafe}; convert them to safetensors")
     try:
         tokenizer = _tokenizer(path)
+        if not weights:
+            return LoadedModel(None, tokenizer, meta, path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or "auto")
     except OSError as e:
         raise ModelDirError(f"{path}: cannot load with transformers: {e}") from None

@@ -677,3 +677,31 @@ def test_the_ingress_dispatches_its_routes_below_any_prefix_and_answers_the_rest
     doc = openapi()["paths"]
     assert {p: next(iter(ops)).upper() for p, ops in doc.items()} == {p: m for p, (m, _) in ROUTES.items()}
     assert "prompt" in doc["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_the_engine_choice_and_the_vllm_environment(tmp_path):
+    """`engine` and `vllm_python`: the replicas' Python set through Ray's runtime_env; combinations that cannot
+    work refused before any Ray call, each naming its key; auto is aigc's engine on a CPU; vllm asked for where
+    vLLM is not installed names the fix."""
+    from aigc.config import ConfigError
+    from aigc.serving.app import engine_kind
+    from aigc.serving.args import deployment_options, parse_args
+
+    base = {"model_dir": str(tmp_path / "m")}
+    vllm = parse_args({**base, "engine": "vllm", "vllm_python": "/envs/vllm/bin/python",
+                       "vllm_args": {"gpu_memory_utilization": 0.5}})
+    opts = deployment_options(vllm)["ray_actor_options"]
+    assert opts["runtime_env"] == {"py_executable": "/envs/vllm/bin/python"} and vllm.vllm_args["gpu_memory_utilization"] == 0.5
+    assert "runtime_env" not in deployment_options(parse_args(base))["ray_actor_options"]
+    assert parse_args({**base, "vllm_python": "/envs/vllm/bin/python"}).vllm_python == "/envs/vllm/bin/python"  # a path, not YAML
+    for bad, key in [({"engine": "vllm", "adapters": [str(tmp_path / "a")]}, "engine: vllm serves merged models only"),
+                     ({"engine": "aigc", "vllm_python": "/envs/vllm/bin/python"}, "vllm_python: set, but engine is 'aigc'"),
+                     ({"engine": "tgi"}, "engine")]:
+        with pytest.raises(ConfigError) as e:
+            problems = parse_args({**base, **bad}).problems()
+            if problems:
+                raise ConfigError(problems, "serve args")
+        assert any(p.startswith(key) for p in e.value.problems), e.value.problems
+    assert engine_kind("auto", "cpu") == "aigc" and engine_kind("aigc", "cuda") == "aigc"
+    with pytest.raises(RuntimeError, match="make vllm-env"):  # the training environment has no vLLM
+        engine_kind("vllm", "cpu")

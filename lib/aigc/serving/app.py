@@ -37,8 +37,10 @@ latency, time-to-first-token and inter-token latency histograms, batch sizes, qu
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
@@ -51,6 +53,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from transformers import AutoConfig
 
 from aigc import storage
 from aigc.config import ConfigError, expand
@@ -103,6 +106,7 @@ from aigc.serving.args import (
 from aigc.serving.engine import AdapterHost, BatchingEngine, CompletionEngine, LoadedAdapter
 from aigc.serving.metrics import Metrics
 from aigc.serving.moderation import load_moderator
+from aigc.serving.vllm_engine import VllmEngine
 from aigc.template import ensure_chat_template
 
 logger = logging.getLogger("ray.serve")
@@ -288,6 +292,17 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
             await s.aclose()
 
 
+def engine_kind(engine: str, device: str) -> str:
+    """The engine a replica runs: `engine` as asked, or for "auto" vLLM on a GPU where vLLM is installed
+    (the replica's environment: `vllm_python`, or a serving image with it), else aigc's."""
+    if engine != "auto":
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise RuntimeError(f"engine vllm: vLLM is not installed in this replica's environment ({sys.executable}); "
+                                "build one with `make vllm-env` and set vllm_python to its Python")
+        return engine
+    return "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "aigc"
+
+
 def local_model_dir(model_dir: str) -> str:
     """`model_dir` itself (~ expanded), or for an object-store URI the replica's verified copy (`modeldir.local_dir`)."""
     return local_dir(model_dir) if storage.is_uri(model_dir) else expand(model_dir)
@@ -305,8 +320,11 @@ class ModelCore:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
-        loaded = load_model(local_model_dir(self.args.model_dir), device=device, dtype=dtype)
-        self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, max_positions(loaded.model)
+        self.engine_kind = engine_kind(self.args.engine, device)
+        vllm = self.engine_kind == "vllm"
+        loaded = load_model(local_model_dir(self.args.model_dir), device=device, dtype=dtype, weights=not vllm)
+        ctx = max_positions(AutoConfig.from_pretrained(loaded.path) if vllm else loaded.model)
+        self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, ctx
         if ensure_chat_template(self.tok):  # a directory exported before templates were saved with it
             logger.warning("%s has no chat template; chat uses aigc's default (aigc.template)", self.args.model_dir)
         self.fingerprint, self.created = system_fingerprint(loaded.meta), int(time.time())
@@ -328,10 +346,15 @@ class ModelCore:
                 return await self._load_adapter(model_id)
 
             self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
+        elif vllm:  # the weights load in vLLM's engine; on a CPU without CUDA graphs (vLLM's CPU build)
+            self.engine = VllmEngine.create(loaded.path, self.tok.eos_token_id, dtype=self.args.dtype,
+                                            max_model_len=self.ctx,
+                                            **{"enforce_eager": device == "cpu", **self.args.vllm_args})
         else:
             self.engine = BatchingEngine(loaded.model, self.tok, self.args.batching, self.metrics)
-        logger.info("serving %s (%s) from %s on %s; %d API key(s)%s", self.name, self.fingerprint,
-                    self.args.model_dir, device, len(self.keys), "; adapters on demand" if self.host else "")
+        logger.info("serving %s (%s) from %s on %s with %s's engine; %d API key(s)%s", self.name, self.fingerprint,
+                    self.args.model_dir, device, self.engine_kind, len(self.keys),
+                    "; adapters on demand" if self.host else "")
 
     async def _load_adapter(self, model_id: str) -> LoadedAdapter:
         """Serve's multiplexed loader: the adapter model id `model_id` names, loaded onto the base."""

@@ -88,6 +88,17 @@ class ServeArgs(Strict):
         "auto", description="dtype of the loaded weights; auto = as saved"
     )
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica (1 CPU replica = 1 thread)")
+    engine: Literal["auto", "aigc", "vllm"] = Field(
+        "auto", description="what generates in a model replica: aigc's continuous batching, or vLLM's async engine "
+        "(aigc.serving.vllm_engine); auto: vLLM where the replica has a GPU and vLLM is installed, else aigc"
+    )
+    vllm_python: str | None = Field(
+        None, description="the Python of a vLLM serving environment (`make vllm-env`: .venv-vllm/bin/python) the "
+        "model replicas run in (Ray runtime_env py_executable); None: the replicas' own environment"
+    )
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra vLLM engine arguments (AsyncEngineArgs), e.g. gpu_memory_utilization"
+    )
     limits: LimitsArgs = Field(default_factory=LimitsArgs, description="caps on what one request may ask for")
     batching: BatchingArgs = Field(default_factory=BatchingArgs, description="continuous batching in a replica")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="Serve's autoscaling_config")
@@ -128,6 +139,11 @@ class ServeArgs(Strict):
             out.append(f"autoscaling.initial_replicas: {a.initial_replicas} is outside [min_replicas, max_replicas]")
         if self.device == "cuda" and self.num_gpus == 0:
             out.append("num_gpus: device is 'cuda' but num_gpus=0 (the replica would get no GPU)")
+        if self.engine == "vllm" and self.serves_adapters:
+            out.append("engine: vllm serves merged models only; export the adapter merged (export.merge: true) and "
+                       "serve that directory, or use engine aigc for adapters on one base")
+        if self.vllm_python is not None and self.engine == "aigc":
+            out.append("vllm_python: set, but engine is 'aigc'; use engine vllm (or auto) with it")
         if self.moderation.hook and ":" not in self.moderation.hook:
             out.append(f"moderation.hook: expected 'module:factory', got {self.moderation.hook!r}")
         if ADAPTER_SEP in self.served_name and self.serves_adapters:
@@ -176,7 +192,7 @@ def split_model_id(model: str, base: str) -> str | None:
     return model[len(prefix):]
 
 
-PATH_KEYS = ("model_dir", "model_name", "adapter_folder")  # strings taken as they are, not parsed as YAML
+PATH_KEYS = ("model_dir", "model_name", "adapter_folder", "vllm_python")  # strings taken as they are, not parsed as YAML
 
 
 def parse_args(raw: Mapping[str, Any] | ServeArgs) -> ServeArgs:
@@ -217,7 +233,10 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
     """Serve deployment options from the args (a `deployments:` entry in a Serve config file overrides them)."""
     return {
         "name": DEPLOYMENT,
-        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                              # the model replicas run in the vLLM environment's Python (Serve's proxy and
+                              # controller stay in the cluster's own)
+                              **({"runtime_env": {"py_executable": args.vllm_python}} if args.vllm_python else {})},
         "autoscaling_config": args.autoscaling.model_dump(exclude_none=True),
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
