@@ -54,13 +54,15 @@ else
 VLLM_SPEC ?= vllm
 VLLM_TORCH ?=
 endif
+# peft (pyproject's range): a replica merges an adapter-only model directory before vLLM loads it
+PEFT_SPEC = peft>=0.21,<0.22
 # Ray must be the cluster's own version: the one in .venv here, the system one on a cluster node (cluster.yaml)
 RAY_VERSION = $$( ($(PY) -c 'import ray; print(ray.__version__)' || python3 -c 'import ray; print(ray.__version__)') 2>/dev/null)
 vllm-env:  ## the vLLM serving environment, .venv-vllm (a few GB)
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(if $(VLLM_TORCH),$(VLLM_VENV)/bin/pip install -q "$(VLLM_TORCH)" $(TORCH_PIP_ARGS))
-	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" "ray[serve]==$(RAY_VERSION)" pyarrow
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" "ray[serve]==$(RAY_VERSION)" pyarrow "$(PEFT_SPEC)"
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(if $(HAS_GPU),,$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
 	$(VLLM_VENV)/bin/python -c "import vllm, aigc.serving.vllm_engine; print('vllm', vllm.__version__)"

@@ -105,6 +105,24 @@ def save_tiny_model_dir(out, n_embd: int = 32):
     return save_model_dir(model, tok, out, config={"test": True}, metrics={}, step=0)
 
 
+def save_random_adapter_dir(base, out, seed: int) -> str:
+    """An adapter-only directory on `base` with random non-zero adapters (as after training)."""
+    import torch
+
+    from aigc.config import FinetuneConfig, load_config
+    from aigc.lora import trainable_model
+    from aigc.modeldir import load_model, save_adapter_dir
+
+    lm = load_model(base)
+    model, _, _ = trainable_model(lm.model, load_config(FinetuneConfig, None, ["model.peft.method=lora"]).model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: the adapter would change nothing
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(save_adapter_dir(model, lm.tokenizer, out, base=str(base), merge=False, config={}, metrics={}))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An exported aigc model directory: tokenizer trained on the embedded corpus, tiny random GPT-2."""

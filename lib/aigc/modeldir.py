@@ -291,19 +291,20 @@ def load_model(
     so what a run records of its base (a LoRA adapter's) names the bucket, not one node's cache.
 
     `weights=False`: the same checks and the tokenizer, but no model (`model` is None): for an engine that loads
-    the weights itself (vLLM), which serves a merged directory only."""
+    the weights itself (vLLM) from `path`, which for an adapter-only directory is its merged copy on this node
+    (`merged_copy`; `meta` stays the adapter directory's, so the served fingerprint is the same either way)."""
     uri = str(path) if storage.is_uri(path) else None
     path = local_dir(path)
     is_aigc = os.path.isfile(os.path.join(path, METADATA))
     if is_aigc:
         meta = verify_model_dir(path)
         ad = meta.get("adapter")
-        if ad and not ad["merged"] and not weights:
-            raise ModelDirError(f"{path}: an adapter-only directory; this engine serves merged models (export the "
-                                "adapter with export.merge: true)")
         if ad and not ad["merged"]:
             base = str(base or ad["base"]["name_or_path"])
             base_fp = check_adapter_base(meta, base, path)
+            if not weights:
+                merged = merged_copy(path, meta, base, base_fp)
+                return LoadedModel(None, _tokenizer(merged), meta, merged)
             on = load_model(base, device=device, dtype=dtype, require_metadata=False).model
             model = load_adapter(on, path, base_fingerprint=base_fp).merge_and_unload()
             return LoadedModel(model.eval(), _tokenizer(path), meta, path)
@@ -325,6 +326,38 @@ def load_model(
     if uri:
         model.config.name_or_path = model.name_or_path = uri
     return LoadedModel(model.to(device).eval(), tokenizer, meta, path)
+
+
+def merged_copy(path: str, meta: dict[str, Any], base: str, base_fp: str) -> str:
+    """A full model directory of the adapter-only directory `path` merged onto `base` (fingerprint `base_fp`), for
+    an engine that reads weights from disk and has no LoRA for the model (vLLM's GPT-2): built once per node in
+    MODEL_CACHE, keyed by the adapter's files and the base's fingerprint, verified when reused. It carries the
+    adapter directory's config, metrics and step, and `merged_from` names both."""
+    out = Path(os.path.expanduser(MODEL_CACHE)) / f"merged-{files_fingerprint(meta)[3:]}-{base_fp[:12]}"
+    damaged = False
+    if out.is_dir():
+        try:
+            verify_model_dir(out)
+            return str(out)
+        except ModelDirError:  # built again below, and then replaces it
+            damaged = True
+    lm = load_model(path, base=base)
+    tmp = _temp_sibling(out)
+    try:
+        save_model_dir(lm.model, lm.tokenizer, tmp, config=meta.get("config", {}), metrics=meta.get("metrics", {}),
+                       step=meta.get("step", 0), merged_from={"adapter": files_fingerprint(meta), "path": str(path),
+                                                              "base": base, "base_fingerprint": base_fp})
+        if damaged:
+            _replace_dir(tmp, out)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another replica on this node built the same copy first: its content is the same
+                if not out.is_dir():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
 
 
 def _tokenizer(path: str) -> Any:

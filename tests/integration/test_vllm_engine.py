@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, save_tiny_model_dir
+from conftest import free_port, save_random_adapter_dir, save_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = os.environ.get("AIGC_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -74,36 +74,47 @@ def test_stop_strings_seeds_and_an_aborted_stream(both):
     assert v["after_abort"]["ids"] == v["greedy"][0]["ids"] and v["check"] == 1
 
 
-def test_the_app_serves_with_vllm_in_its_own_environment(ray_local, model_dir):
+def test_the_app_serves_with_vllm_in_its_own_environment(ray_local, model_dir, tmp_path):
     """`engine: vllm` with `vllm_python`: the model replica runs in the vLLM environment behind aigc's edge, and
     the OpenAI surface answers as with aigc's engine: greedy text and scores equal to the model's in-process,
-    streaming, a 400 for a bad request and then service as before, /ready and /v1/models."""
+    streaming, a 400 for a bad request and then service as before, /ready and /v1/models. The model is an
+    adapter-only directory (vLLM has no LoRA for GPT-2): the replica serves it merged, as the adapter's model."""
     import requests
     from openai import BadRequestError, OpenAI
     from ray import serve
 
     from aigc.generation import SamplingParams, generate
-    from aigc.modeldir import load_model
+    from aigc.modeldir import files_fingerprint, load_model, read_metadata
     from aigc.serving.app import build_app
 
-
+    adapter = save_random_adapter_dir(model_dir, tmp_path / "adapter", seed=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model_dir": model_dir, "model_name": "tiny", "engine": "vllm", "vllm_python": VLLM_PYTHON,
+    app = build_app({"model_dir": adapter, "model_name": "tiny", "engine": "vllm", "vllm_python": VLLM_PYTHON,
                      "dtype": "float32", "num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
                      # on a CPU, the fraction of the host memory vLLM reserves (0.92 by default)
                      "vllm_args": {"max_num_seqs": 8, "gpu_memory_utilization": 0.1}})
     serve.run(app, name="vllm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    lm = load_model(model_dir)
-    [want] = generate(lm.model, lm.tokenizer, ["Introducing the"], SamplingParams(temperature=0, max_tokens=12))
+    lm = load_model(adapter)  # merged in memory, as aigc's engine serves it
+    base = load_model(model_dir)
+    [want] = generate(lm.model, lm.tokenizer, ["Introducing the"],
+                      SamplingParams(temperature=0, max_tokens=12, logprobs=2))
 
     got = client.completions.create(model="tiny", prompt="Introducing the", max_tokens=12, temperature=0, logprobs=2)
     c = got.choices[0]
     assert c.text.rstrip("\ufffd") == want.text.rstrip("\ufffd") and c.finish_reason == "length"
-    assert got.usage.completion_tokens == 12 and len(c.logprobs.tokens) == 12 and got.system_fingerprint
-    assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+    [plain] = generate(base.model, base.tokenizer, ["Introducing the"], SamplingParams(temperature=0, max_tokens=12))
+    assert plain.token_ids != want.token_ids  # the adapter changes what the model says
+    assert got.usage.completion_tokens == 12 and len(c.logprobs.tokens) == 12
+    assert got.system_fingerprint == files_fingerprint(read_metadata(adapter))  # the adapter's, not the merged copy's
+    # each token's logprob and its two best alternatives as in-process (keyed by text: two byte tokens may both
+    # read U+FFFD, and then one entry stands for both)
+    for top, chosen, lp, mine in zip(c.logprobs.top_logprobs, c.logprobs.tokens, c.logprobs.token_logprobs,
+                                     want.logprobs, strict=True):
+        assert lp == pytest.approx(mine.logprob, abs=1e-4) and chosen in top and 1 <= len(top) <= 2
+        assert all(any(abs(v - alt) < 1e-4 for _, alt in mine.top) for v in top.values())
     streamed = client.completions.create(model="tiny", prompt="Introducing the", max_tokens=12, temperature=0,
                                          stream=True)
     assert "".join(x.choices[0].text for x in streamed).rstrip("\ufffd") == want.text.rstrip("\ufffd")

@@ -24,6 +24,7 @@ from aigc.serving.api import (
 )
 from aigc.serving.args import LimitsArgs, ServeArgs
 from aigc.template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, prompt_ids, render_prompt
+from conftest import save_random_adapter_dir
 
 LIB = Path(__file__).parents[2] / "lib"
 NAME, CTX = "tiny", 128  # the served id and the tiny model's positions (conftest's tiny_model_dir)
@@ -512,24 +513,6 @@ def test_adapter_model_ids_and_names():
     ]
 
 
-def _adapter_dir(base, out: Path, seed: int) -> str:
-    """An adapter-only directory on `base` with random non-zero adapters (as after training)."""
-    import torch
-
-    from aigc.config import FinetuneConfig, load_config
-    from aigc.lora import trainable_model
-    from aigc.modeldir import load_model, save_adapter_dir
-
-    lm = load_model(base)
-    model, _, _ = trainable_model(lm.model, load_config(FinetuneConfig, None, ["model.peft.method=lora"]).model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:  # B starts at zero: the adapter would change nothing
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return str(save_adapter_dir(model, lm.tokenizer, out, base=str(base), merge=False, config={}, metrics={}))
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     """Two adapters on the tiny base (one in a folder), and one on another base (the tiny one, embeddings doubled)."""
@@ -542,8 +525,9 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
     with torch.no_grad():
         other.model.transformer.wte.weight.mul_(2)
     other_base = save_model_dir(other.model, other.tokenizer, root / "other-base", config={})
-    return {"one": _adapter_dir(tiny_model_dir, root / "one", 1), "two": _adapter_dir(tiny_model_dir, root / "folder/two", 2),
-            "folder": str(root / "folder"), "alien": _adapter_dir(other_base, root / "alien", 3),
+    return {"one": save_random_adapter_dir(tiny_model_dir, root / "one", 1),
+            "two": save_random_adapter_dir(tiny_model_dir, root / "folder/two", 2),
+            "folder": str(root / "folder"), "alien": save_random_adapter_dir(other_base, root / "alien", 3),
             "fps": (fingerprint(tiny_model_dir), fingerprint(other_base))}
 
 
@@ -679,7 +663,7 @@ def test_the_ingress_dispatches_its_routes_below_any_prefix_and_answers_the_rest
     assert "prompt" in doc["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
-def test_the_engine_choice_and_the_vllm_environment(tmp_path):
+def test_the_engine_choice_and_the_vllm_environment(tmp_path, monkeypatch):
     """`engine` and `vllm_python`: the replicas' Python set through Ray's runtime_env; combinations that cannot
     work refused before any Ray call, each naming its key; auto is aigc's engine on a CPU; vllm asked for where
     vLLM is not installed names the fix."""
@@ -694,7 +678,7 @@ def test_the_engine_choice_and_the_vllm_environment(tmp_path):
     assert opts["runtime_env"] == {"py_executable": "/envs/vllm/bin/python"} and vllm.vllm_args["gpu_memory_utilization"] == 0.5
     assert "runtime_env" not in deployment_options(parse_args(base))["ray_actor_options"]
     assert parse_args({**base, "vllm_python": "/envs/vllm/bin/python"}).vllm_python == "/envs/vllm/bin/python"  # a path, not YAML
-    for bad, key in [({"engine": "vllm", "adapters": [str(tmp_path / "a")]}, "engine: vllm serves merged models only"),
+    for bad, key in [({"engine": "vllm", "adapters": [str(tmp_path / "a")]}, "engine: vllm serves one model per app"),
                      ({"engine": "aigc", "vllm_python": "/envs/vllm/bin/python"}, "vllm_python: set, but engine is 'aigc'"),
                      ({"engine": "tgi"}, "engine")]:
         with pytest.raises(ConfigError) as e:
@@ -705,3 +689,40 @@ def test_the_engine_choice_and_the_vllm_environment(tmp_path):
     assert engine_kind("auto", "cpu") == "aigc" and engine_kind("aigc", "cuda") == "aigc"
     with pytest.raises(RuntimeError, match="make vllm-env"):  # the training environment has no vLLM
         engine_kind("vllm", "cpu")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    # where vLLM is installed: auto takes it on a GPU, but not for adapters on one base (aigc's engine switches them)
+    assert [engine_kind("auto", "cuda"), engine_kind("auto", "cuda", adapters=True), engine_kind("auto", "cpu"),
+            engine_kind("vllm", "cpu")] == ["vllm", "aigc", "aigc", "vllm"]
+
+
+def test_an_adapter_only_directory_is_served_merged_by_an_engine_that_loads_weights_itself(
+        tiny_model_dir, adapter_dirs, tmp_path, monkeypatch):
+    """`load_model(weights=False)` (vLLM's path) on an adapter-only directory gives a full model directory on this
+    node that computes what the adapter on its base computes, built once, reused, rebuilt when damaged, and the
+    adapter directory's metadata, so the replica answers with the adapter's fingerprint."""
+    import torch
+
+    from aigc import modeldir
+    from aigc.modeldir import files_fingerprint, load_model
+
+    monkeypatch.setattr(modeldir, "MODEL_CACHE", str(tmp_path / "cache"))
+    adapter = load_model(adapter_dirs["one"])  # the adapter merged in memory, as aigc's engine serves it
+    got = load_model(adapter_dirs["one"], weights=False)
+    assert got.model is None and got.meta == adapter.meta and Path(got.path).parent == tmp_path / "cache"
+    merged = load_model(got.path)  # a verified full model directory, naming where it came from
+    assert "adapter" not in merged.meta and merged.meta["merged_from"]["base_fingerprint"] == adapter_dirs["fps"][0]
+    assert merged.meta["merged_from"]["adapter"] == files_fingerprint(adapter.meta) != files_fingerprint(merged.meta)
+    ids = torch.tensor([[5, 9, 30, 7, 2]])
+    base = load_model(tiny_model_dir).model
+    with torch.no_grad():
+        want, out = adapter.model(ids).logits, merged.model(ids).logits
+        assert torch.allclose(out, want, atol=1e-5) and not torch.allclose(base(ids).logits, want, atol=1e-2)
+    weights = Path(got.path) / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert load_model(adapter_dirs["one"], weights=False).path == got.path and weights.stat().st_mtime_ns == built
+    weights.write_bytes(b"damaged")  # fails verification: built again
+    again = load_model(adapter_dirs["one"], weights=False)
+    assert again.path == got.path and torch.allclose(load_model(again.path).model(ids).logits, want, atol=1e-5)

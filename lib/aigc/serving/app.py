@@ -292,15 +292,16 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
             await s.aclose()
 
 
-def engine_kind(engine: str, device: str) -> str:
+def engine_kind(engine: str, device: str, adapters: bool = False) -> str:
     """The engine a replica runs: `engine` as asked, or for "auto" vLLM on a GPU where vLLM is installed
-    (the replica's environment: `vllm_python`, or a serving image with it), else aigc's."""
+    (the replica's environment: `vllm_python`, or a serving image with it) unless the app serves adapters on
+    its base (aigc's engine switches them per step), else aigc's."""
     if engine != "auto":
         if engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise RuntimeError(f"engine vllm: vLLM is not installed in this replica's environment ({sys.executable}); "
                                 "build one with `make vllm-env` and set vllm_python to its Python")
         return engine
-    return "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "aigc"
+    return "vllm" if device == "cuda" and not adapters and importlib.util.find_spec("vllm") is not None else "aigc"
 
 
 def local_model_dir(model_dir: str) -> str:
@@ -320,7 +321,7 @@ class ModelCore:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
-        self.engine_kind = engine_kind(self.args.engine, device)
+        self.engine_kind = engine_kind(self.args.engine, device, self.args.serves_adapters)
         vllm = self.engine_kind == "vllm"
         loaded = load_model(local_model_dir(self.args.model_dir), device=device, dtype=dtype, weights=not vllm)
         ctx = max_positions(AutoConfig.from_pretrained(loaded.path) if vllm else loaded.model)

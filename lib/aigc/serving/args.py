@@ -140,8 +140,8 @@ class ServeArgs(Strict):
         if self.device == "cuda" and self.num_gpus == 0:
             out.append("num_gpus: device is 'cuda' but num_gpus=0 (the replica would get no GPU)")
         if self.engine == "vllm" and self.serves_adapters:
-            out.append("engine: vllm serves merged models only; export the adapter merged (export.merge: true) and "
-                       "serve that directory, or use engine aigc for adapters on one base")
+            out.append("engine: vllm serves one model per app (an adapter-only model_dir is served merged); "
+                       "adapters and adapter_folder, many adapters on one base, need engine aigc")
         if self.vllm_python is not None and self.engine == "aigc":
             out.append("vllm_python: set, but engine is 'aigc'; use engine vllm (or auto) with it")
         if self.moderation.hook and ":" not in self.moderation.hook:
