@@ -52,8 +52,9 @@ def test_greedy_tokens_logprobs_and_finish_agree(both):
                 assert p[0] == q[0] and abs(p[1] - q[1]) < 1e-4
                 assert [t for t, _ in p[2]] == [t for t, _ in q[2]]
                 assert all(abs(lp - lq) < 1e-4 for (_, lp), (_, lq) in zip(p[2], q[2], strict=True))
-    # a stream gets a delta per token; a JSON answer takes the whole output at once
-    assert [r["deltas"] for r in v["greedy"]] == [12, 12, 12] and [r["deltas"] for r in v["greedy_json"]] == [1, 1, 1]
+    # a stream gets its tokens as they come (vLLM joins those made while its reader was busy: up to one a token),
+    # a JSON answer the whole output at once
+    assert all(1 < r["deltas"] <= 12 for r in v["greedy"]) and [r["deltas"] for r in v["greedy_json"]] == [1, 1, 1]
 
 
 def test_scoring_a_prompt_matches_and_generates_nothing(both):
@@ -72,6 +73,15 @@ def test_stop_strings_seeds_and_an_aborted_stream(both):
     assert first["ids"] == again["ids"] and len(first["ids"]) == 16  # one seed, one sample
     # after a stream was closed mid-generation, the engine answers the same request as before and its check passes
     assert v["after_abort"]["ids"] == v["greedy"][0]["ids"] and v["check"] == 1
+
+
+def test_the_vllm_engine_records_the_replica_metrics(both):
+    """Six requests at once: the queue and running gauges rose and ended at zero, one batch size per request,
+    some of them decoded together."""
+    m = both["vllm"]["metrics"]
+    assert m["counts"] == [0, 0] and m["queued"][-1] == m["running"][-1] == 0
+    assert max(m["queued"]) >= 1 and max(m["running"]) > 1
+    assert len(m["batch_size"]) == 6 and all(1 <= b <= 6 for b in m["batch_size"]) and max(m["batch_size"]) > 1
 
 
 def test_the_app_serves_with_vllm_in_its_own_environment(ray_local, model_dir, tmp_path):

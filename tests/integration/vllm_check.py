@@ -18,9 +18,11 @@ async def main(model_dir: str) -> dict:
     lm = load_model(model_dir)
     gauge = SimpleNamespace(set=lambda *a, **k: None, observe=lambda *a, **k: None)
     metrics = SimpleNamespace(queued=gauge, running=gauge, batch_size=gauge)
+    seen: dict[str, list[float]] = {"queued": [], "running": [], "batch_size": []}  # what the vLLM engine recorded
+    recorded = SimpleNamespace(**{k: SimpleNamespace(set=v.append, observe=v.append) for k, v in seen.items()})
     engines = {"aigc": BatchingEngine(lm.model, lm.tokenizer, BatchingArgs(), metrics),
-               "vllm": VllmEngine.create(model_dir, lm.tokenizer.eos_token_id, dtype="float32", max_model_len=128,
-                                         enforce_eager=True, max_num_seqs=8)}
+               "vllm": VllmEngine.create(model_dir, lm.tokenizer.eos_token_id, recorded, dtype="float32",
+                                         max_model_len=128, enforce_eager=True, max_num_seqs=8)}
     prompts = [encode(lm.tokenizer, p) for p in ["Introducing the", "Save big on", "Our new"]]
 
     async def run(engine, prompt, params, eager=True):
@@ -52,6 +54,12 @@ async def main(model_dir: str) -> dict:
     await stream.aclose()
     out["vllm"]["after_abort"] = await run(v, prompts[0], SamplingParams(temperature=0, max_tokens=12))
     out["vllm"]["check"] = await v.check()
+    # six at once: the gauges and batch sizes the replica exports, then nothing left counted
+    for k in seen:
+        seen[k].clear()
+    v.GAUGE_EVERY_S = 0.0
+    await asyncio.gather(*(run(v, p, SamplingParams(temperature=0, max_tokens=12)) for p in prompts * 2))
+    out["vllm"]["metrics"] = {**seen, "counts": list(v.counts)}
     v.shutdown()
     return out
 

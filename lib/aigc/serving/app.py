@@ -348,7 +348,7 @@ class ModelCore:
 
             self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
         elif vllm:  # the weights load in vLLM's engine; on a CPU without CUDA graphs (vLLM's CPU build)
-            self.engine = VllmEngine.create(loaded.path, self.tok.eos_token_id, dtype=self.args.dtype,
+            self.engine = VllmEngine.create(loaded.path, self.tok.eos_token_id, self.metrics, dtype=self.args.dtype,
                                             max_model_len=self.ctx,
                                             **{"enforce_eager": device == "cpu", **self.args.vllm_args})
         else:

@@ -14,6 +14,7 @@ stream); greedy tokens and logprobs agree (tests/integration/test_vllm_engine.py
 """
 
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,30 +44,57 @@ def vllm_sampling(params: SamplingParams, eager: bool) -> Any:
 
 
 class VllmEngine:
-    """One vLLM AsyncLLM in the replica (`create`), serving one model directory."""
+    """One vLLM AsyncLLM in the replica (`create`), serving one model directory.
 
-    def __init__(self, llm: Any, eos_token_id: int | None):
-        self.llm, self.eos = llm, eos_token_id
+    The replica's engine metrics as aigc's engine keeps them (`aigc.serving.metrics`), from what this replica
+    sees of its requests: waiting = sent to vLLM and no token back yet (queued or in prefill), running = tokens
+    coming, and a request's batch size = the mean number running over its outputs."""
+
+    GAUGE_EVERY_S = 0.1
+
+    def __init__(self, llm: Any, eos_token_id: int | None, metrics: Any = None):
+        self.llm, self.eos, self.metrics = llm, eos_token_id, metrics
         self._rows = itertools.count()
+        self.waiting = self.running = 0
+        self._shown, self._shown_at = (0, 0), 0.0
 
     @classmethod
-    def create(cls, model_dir: str, eos_token_id: int | None, dtype: str = "auto", max_model_len: int | None = None,
-               **engine_args: Any) -> "VllmEngine":
+    def create(cls, model_dir: str, eos_token_id: int | None, metrics: Any = None, dtype: str = "auto",
+               max_model_len: int | None = None, **engine_args: Any) -> "VllmEngine":
         """vLLM's async engine on `model_dir` (an aigc model directory: config, safetensors and tokenizer are
         what vLLM reads); `engine_args` go to vLLM's AsyncEngineArgs as they are."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=model_dir, dtype=dtype, max_model_len=max_model_len, **engine_args)
-        return cls(AsyncLLM.from_engine_args(args), eos_token_id)
+        return cls(AsyncLLM.from_engine_args(args), eos_token_id, metrics)
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(requests waiting for their first token, requests generating), as `BatchingEngine.counts`."""
+        return self.waiting, self.running
+
+    def _gauges(self) -> None:
+        """The queue and running gauges: at most every GAUGE_EVERY_S while requests run, at once when none do."""
+        now, t = self.counts, time.monotonic()
+        if self.metrics is not None and now != self._shown and (
+                now == (0, 0) or t - self._shown_at >= self.GAUGE_EVERY_S):
+            self._shown, self._shown_at = now, t
+            self.metrics.queued.set(now[0])
+            self.metrics.running.set(now[1])
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, eager: bool = True) -> AsyncIterator[Delta]:
         """The request's deltas; closing the stream early aborts the request in vLLM."""
         row, rid, score_only = next(self._rows), f"aigc-{uuid.uuid4().hex}", params.max_tokens == 0
-        finished, first, ids = False, True, []
+        finished, first, ids, batch = False, True, [], []
+        self.waiting += 1
+        self._gauges()
         try:
             async for out in self.llm.generate({"prompt_token_ids": list(prompt_ids)}, vllm_sampling(params, eager),
                                                rid):
+                if first:
+                    self.waiting, self.running = self.waiting - 1, self.running + 1
+                batch.append(self.running)
                 c = out.outputs[0]
                 new = [] if score_only else list(c.token_ids)
                 ids += new
@@ -84,6 +112,13 @@ class VllmEngine:
                 if finished:
                     return
         finally:
+            if first:
+                self.waiting -= 1
+            else:
+                self.running -= 1
+            self._gauges()
+            if batch and self.metrics is not None:
+                self.metrics.batch_size.observe(sum(batch) / len(batch))
             if not finished:
                 await self.llm.abort(rid)
 
