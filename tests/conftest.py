@@ -11,10 +11,6 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller takes one report per worker per poll, polls every 2 s by default, and a worker's report
-# waits in a queue of one until then: a tiny test run that validates every few steps spent ~7 s of its ~27 s in
-# those waits (the rest is worker start-up). Every Ray the tests start (local, `ray start`, job drivers) inherits it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def free_port() -> int:
