@@ -305,9 +305,7 @@ def load_model(
             if not weights:
                 merged = merged_copy(path, meta, base, base_fp)
                 return LoadedModel(None, _tokenizer(merged), meta, merged)
-            on = load_model(base, device=device, dtype=dtype, require_metadata=False).model
-            model = load_adapter(on, path, base_fingerprint=base_fp).merge_and_unload()
-            return LoadedModel(model.eval(), _tokenizer(path), meta, path)
+            return LoadedModel(_merge_adapter(path, base, base_fp, device, dtype), _tokenizer(path), meta, path)
     elif require_metadata:
         raise ModelDirError(f"{path}: not an aigc model directory (no {METADATA}); export one with aigc first")
     else:
@@ -328,6 +326,12 @@ def load_model(
     return LoadedModel(model.to(device).eval(), tokenizer, meta, path)
 
 
+def _merge_adapter(path: str, base: str, base_fp: str, device: str = "cpu", dtype: Any = None) -> Any:
+    """The adapter-only directory `path` loaded onto `base`, whose fingerprint `base_fp` was checked, and merged."""
+    on = load_model(base, device=device, dtype=dtype, require_metadata=False).model
+    return load_adapter(on, path, base_fingerprint=base_fp).merge_and_unload().eval()
+
+
 def merged_copy(path: str, meta: dict[str, Any], base: str, base_fp: str) -> str:
     """A full model directory of the adapter-only directory `path` merged onto `base` (fingerprint `base_fp`), for
     an engine that reads weights from disk and has no LoRA for the model (vLLM's GPT-2): built once per node in
@@ -341,10 +345,10 @@ def merged_copy(path: str, meta: dict[str, Any], base: str, base_fp: str) -> str
             return str(out)
         except ModelDirError:  # built again below, and then replaces it
             damaged = True
-    lm = load_model(path, base=base)
+    model = _merge_adapter(path, base, base_fp)  # the adapter and base already checked by the caller
     tmp = _temp_sibling(out)
     try:
-        save_model_dir(lm.model, lm.tokenizer, tmp, config=meta.get("config", {}), metrics=meta.get("metrics", {}),
+        save_model_dir(model, _tokenizer(path), tmp, config=meta.get("config", {}), metrics=meta.get("metrics", {}),
                        step=meta.get("step", 0), merged_from={"adapter": files_fingerprint(meta), "path": str(path),
                                                               "base": base, "base_fingerprint": base_fp})
         if damaged:

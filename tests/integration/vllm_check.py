@@ -57,7 +57,7 @@ async def main(model_dir: str) -> dict:
     # six at once: the gauges and batch sizes the replica exports, then nothing left counted
     for k in seen:
         seen[k].clear()
-    v.GAUGE_EVERY_S = 0.0
+    v.gauges.EVERY_S = 0.0
     await asyncio.gather(*(run(v, p, SamplingParams(temperature=0, max_tokens=12)) for p in prompts * 2))
     out["vllm"]["metrics"] = {**seen, "counts": list(v.counts)}
     v.shutdown()

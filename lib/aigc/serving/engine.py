@@ -15,7 +15,6 @@ step by step instead of sharing a step; requests for the same adapter batch as o
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -24,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 from aigc.generation import BatchStream, Delta, SamplingParams, generate
 from aigc.modeldir import load_adapter
 from aigc.serving.args import BatchingArgs
-from aigc.serving.metrics import Metrics
+from aigc.serving.metrics import GaugeGate, Metrics
 
 T = TypeVar("T")
 
@@ -106,8 +105,6 @@ class BatchingEngine:
     run), so a replica whose model cannot generate never becomes ready. `runner`: where and how the
     model's forwards run (default: per `batching.step_in_thread`, the model as it is)."""
 
-    GAUGE_EVERY_S = 0.1
-
     def __init__(self, model: Any, tokenizer: Any, batching: BatchingArgs, metrics: Metrics,
                  runner: Runner | None = None, probe: bool = True):
         self.model, self.tokenizer = model, tokenizer
@@ -118,7 +115,7 @@ class BatchingEngine:
         self.queues: dict[int, _Channel] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._shown, self._shown_at = (-1, -1), 0.0
+        self.gauges = GaugeGate()
         # decode steps run, and rows decoded over them: a request's share of the batch is the difference
         # between its first and last step (one metric call per request, not one per step)
         self._steps = self._rows_stepped = 0
@@ -210,11 +207,9 @@ class BatchingEngine:
             await asyncio.sleep(0)  # between steps the loop takes new requests and sends chunks
 
     def _gauges(self, force: bool = False) -> None:
-        """The queue and running gauges, when they changed: at most every GAUGE_EVERY_S while the batch runs
-        (Ray exports them every few seconds; a set per step cost ~1.5% of a busy replica), at once when it idles."""
-        now, t = self.counts, time.monotonic()
-        if now != self._shown and (force or t - self._shown_at >= self.GAUGE_EVERY_S):
-            self._shown, self._shown_at = now, t
+        """The queue and running gauges, when `GaugeGate` says they are due (`force`: the batch idles)."""
+        now = self.counts
+        if self.gauges.due(now, force):
             if self.on_counts is not None:
                 self.on_counts()
                 return

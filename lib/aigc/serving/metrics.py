@@ -1,6 +1,8 @@
 """The replica's metrics: `ray.serve.metrics`, exported on Ray's metrics port as `ray_aigc_*` with
 deployment, replica and application tags."""
 
+import time
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 
@@ -40,3 +42,22 @@ class Metrics:
         self.latency.observe(seconds, tags={"route": route})
         if error_type:
             self.errors.inc(tags={"route": route, "type": error_type})
+
+
+class GaugeGate:
+    """When an engine's (queued, running) counts are due on the gauges: when they changed, at most every EVERY_S
+    while requests run (Ray exports gauges every few seconds; a set per decode step cost ~1.5% of a busy replica),
+    at once when `force`d (the engine has gone idle). One per engine, aigc's or vLLM's."""
+
+    EVERY_S = 0.1
+
+    def __init__(self):
+        self.shown: tuple[int, int] | None = None
+        self.at = 0.0
+
+    def due(self, counts: tuple[int, int], force: bool = False) -> bool:
+        t = time.monotonic()
+        if counts == self.shown or not (force or t - self.at >= self.EVERY_S):
+            return False
+        self.shown, self.at = counts, t
+        return True

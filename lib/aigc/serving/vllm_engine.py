@@ -14,13 +14,13 @@ stream); greedy tokens and logprobs agree (tests/integration/test_vllm_engine.py
 """
 
 import itertools
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aigc.generation import Delta, SamplingParams
 from aigc.sampling import TokenLogprob
+from aigc.serving.metrics import GaugeGate
 
 
 def _token_logprob(token: int, entries: dict[int, Any], top: int) -> TokenLogprob:
@@ -50,13 +50,11 @@ class VllmEngine:
     sees of its requests: waiting = sent to vLLM and no token back yet (queued or in prefill), running = tokens
     coming, and a request's batch size = the mean number running over its outputs."""
 
-    GAUGE_EVERY_S = 0.1
-
     def __init__(self, llm: Any, eos_token_id: int | None, metrics: Any = None):
         self.llm, self.eos, self.metrics = llm, eos_token_id, metrics
         self._rows = itertools.count()
         self.waiting = self.running = 0
-        self._shown, self._shown_at = (0, 0), 0.0
+        self.gauges = GaugeGate()
 
     @classmethod
     def create(cls, model_dir: str, eos_token_id: int | None, metrics: Any = None, dtype: str = "auto",
@@ -75,11 +73,9 @@ class VllmEngine:
         return self.waiting, self.running
 
     def _gauges(self) -> None:
-        """The queue and running gauges: at most every GAUGE_EVERY_S while requests run, at once when none do."""
-        now, t = self.counts, time.monotonic()
-        if self.metrics is not None and now != self._shown and (
-                now == (0, 0) or t - self._shown_at >= self.GAUGE_EVERY_S):
-            self._shown, self._shown_at = now, t
+        """The queue and running gauges, when `GaugeGate` says they are due (at once when no request is left)."""
+        now = self.counts
+        if self.metrics is not None and self.gauges.due(now, force=now == (0, 0)):
             self.metrics.queued.set(now[0])
             self.metrics.running.set(now[1])
 
