@@ -34,6 +34,9 @@ import sys
 import tempfile
 import time
 
+# Ray Serve's environment switches for its request path; the benchmark reports the ones set
+SERVE_MODES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_USE_GRPC",
+               "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S")
 PROMPTS = ["Introducing the", "Save big on", "Our new", "Limited time:", "Discover the", "Meet the all-new"]
 
 
@@ -269,9 +272,11 @@ def main() -> int:
         p.error(f"--engine vllm / --bare-vllm need the vLLM environment at {VLLM_PYTHON}: make vllm-env")
     model_dir = a.model or tiny_model_dir(tempfile.mkdtemp(prefix="aigc-bench-"), head_width=32 if vllm else 16)
     ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"
+    # Serve's switches that change its request path, as this run set them (docs/serving.md: what each gave)
+    modes = [f"{k}={os.environ[k]}" for k in SERVE_MODES if k in os.environ]
     print(f"model {model_dir}, {a.max_tokens} new tokens per request, {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.1f}, ingress: {ingress} (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy), "
-          f"engine: {a.engine}")
+          f"engine: {a.engine}, Serve settings: {' '.join(modes) or 'the defaults'}")
     torch.set_num_threads(a.torch_threads)  # as in a replica (ServeArgs.torch_threads)
     lm = load_model(model_dir)
     model, tok = lm.model, lm.tokenizer
