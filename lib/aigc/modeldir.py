@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +43,14 @@ ADAPTER_DIR = "adapter"  # a LoRA adapter's files, inside a model directory
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The full model's weight files (one, or transformers' shards); what a base's fingerprint covers.
 WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+logger = logging.getLogger(__name__)
+
 MODEL_CACHE = "~/.cache/aigc/models"  # this node's verified copies of object-store model directories
+# How many copies MODEL_CACHE keeps, the most recently used (0: all). A served adapter under vLLM adds a full merged
+# model per version, and a refreshed winner a copy per promotion: without a bound a serving node's disk fills.
+CACHE_KEEP_ENV = "AIGC_MODEL_CACHE_KEEP"
+CACHE_KEEP_DEFAULT = 8
+STALE_PARTIAL_S = 24 * 3600  # a temp folder this old was left by a killed download or merge
 
 
 class ModelDirError(ValueError):
@@ -77,7 +86,54 @@ def local_dir(path: str | os.PathLike) -> str:
     raw = storage.read_bytes(storage.join(path, METADATA))
     key = f"{files_fingerprint(json.loads(raw))}-{hashlib.sha256(raw).hexdigest()[:8]}"
     cache = Path(os.path.expanduser(MODEL_CACHE)) / key
-    return str(storage.fetch_dir(path, cache, verify=verify_model_dir))
+    return _used(storage.fetch_dir(path, cache, verify=verify_model_dir))
+
+
+def cache_keep() -> int:
+    """MODEL_CACHE's bound: AIGC_MODEL_CACHE_KEEP copies (default 8; 0 keeps all)."""
+    raw = os.environ.get(CACHE_KEEP_ENV, str(CACHE_KEEP_DEFAULT))
+    try:
+        keep = int(raw)
+    except ValueError:
+        keep = -1
+    if keep < 0:
+        raise ModelDirError(f"{CACHE_KEEP_ENV}={raw!r}: must be a whole number of model copies to keep (0: all)")
+    return keep
+
+
+def _used(entry: Path) -> str:
+    """`entry`, a copy in MODEL_CACHE, marked as just used (its mtime), then the cache pruned (`prune_cache`)."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+    prune_cache(cache_keep(), spare=entry)
+    return str(entry)
+
+
+def prune_cache(keep: int, spare: Path | None = None) -> list[str]:
+    """Delete all but the `keep` most recently used copies in MODEL_CACHE (object-store copies and merged adapters
+    alike; 0 keeps all), never `spare`, and temp folders left for a day by a killed download or merge. A reader
+    marks a copy used when it takes it (`local_dir`, `merged_copy`), so a copy a replica is loading is the newest.
+    Returns the names deleted."""
+    root = Path(os.path.expanduser(MODEL_CACHE))
+    try:
+        entries = [(e.stat().st_mtime, e) for e in root.iterdir() if e.is_dir()]
+    except OSError:
+        return []
+    now, gone = time.time(), []
+    copies = sorted(((t, e) for t, e in entries if not e.name.startswith(".")), key=lambda te: te[0], reverse=True)
+    old = [e for _, e in copies[keep:]] if keep else []
+    old += [e for t, e in entries if e.name.startswith(".") and now - t > STALE_PARTIAL_S]
+    for e in old:
+        if spare is not None and e.name == spare.name:
+            continue
+        shutil.rmtree(e, ignore_errors=True)
+        gone.append(e.name)
+    if gone:
+        logger.info("model cache %s: removed %d least recently used or stale entr%s (%s=%d): %s", root, len(gone),
+                    "y" if len(gone) == 1 else "ies", CACHE_KEEP_ENV, keep, ", ".join(sorted(gone)))
+    return gone
 
 
 def fingerprint(name_or_path: str | os.PathLike) -> str:
@@ -342,7 +398,7 @@ def merged_copy(path: str, meta: dict[str, Any], base: str, base_fp: str) -> str
     if out.is_dir():
         try:
             verify_model_dir(out)
-            return str(out)
+            return _used(out)
         except ModelDirError:  # built again below, and then replaces it
             damaged = True
     model = _merge_adapter(path, base, base_fp)  # the adapter and base already checked by the caller
@@ -361,7 +417,7 @@ def merged_copy(path: str, meta: dict[str, Any], base: str, base_fp: str) -> str
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+    return _used(out)
 
 
 def _tokenizer(path: str) -> Any:

@@ -60,3 +60,31 @@ def test_copy_adds_metadata_and_stays_verified(tiny_model_dir, tmp_path):
     out = copy_model_dir(tiny_model_dir, tmp_path / "winner", trial="t1")
     assert verify_model_dir(out)["trial"] == "t1"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_cache_pruning_keeps_the_newest_copies_and_the_one_in_use_and_drops_stale_partials(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from aigc import modeldir
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(modeldir, "MODEL_CACHE", str(cache))
+    now = time.time()
+    ages = {"a": 50, "b": 40, "c": 30, "d": 20, "merged-e": 10, ".f.partial": 2 * 86400, ".g.partial": 60}
+    for name, age in ages.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "x").write_text(name)
+        os.utime(cache / name, (now - age, now - age))
+    assert modeldir.prune_cache(0) == [".f.partial"]  # 0 keeps every copy; a partial a day old goes all the same
+    # the two most recently used stay, and "a" (oldest, but the copy a reader is taking now)
+    assert sorted(modeldir.prune_cache(2, spare=cache / "a")) == ["b", "c"]
+    assert sorted(p.name for p in cache.iterdir()) == [".g.partial", "a", "d", "merged-e"]
+    monkeypatch.setenv("AIGC_MODEL_CACHE_KEEP", "some")
+    with pytest.raises(ModelDirError, match="AIGC_MODEL_CACHE_KEEP='some'"):
+        modeldir.cache_keep()
+    monkeypatch.setenv("AIGC_MODEL_CACHE_KEEP", "-1")
+    with pytest.raises(ModelDirError, match="whole number"):
+        modeldir.cache_keep()
+    monkeypatch.delenv("AIGC_MODEL_CACHE_KEEP")
+    assert modeldir.cache_keep() == 8

@@ -726,3 +726,26 @@ def test_an_adapter_only_directory_is_served_merged_by_an_engine_that_loads_weig
     weights.write_bytes(b"damaged")  # fails verification: built again
     again = load_model(adapter_dirs["one"], weights=False)
     assert again.path == got.path and torch.allclose(load_model(again.path).model(ids).logits, want, atol=1e-5)
+
+
+def test_the_model_cache_keeps_the_most_recently_used_copies(tiny_model_dir, adapter_dirs, tmp_path, monkeypatch):
+    """Merged copies (one full model per adapter version served under vLLM) count against AIGC_MODEL_CACHE_KEEP like
+    downloaded ones: with room for one, serving a second adapter removes the first's copy, and asking for the first
+    again builds it again, whole."""
+    import torch
+
+    from aigc import modeldir
+    from aigc.modeldir import load_model
+
+    monkeypatch.setattr(modeldir, "MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AIGC_MODEL_CACHE_KEEP", "1")
+    one = load_model(adapter_dirs["one"], weights=False).path
+    two = load_model(adapter_dirs["two"], weights=False).path
+    assert one != two and not Path(one).exists() and sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        Path(two).name]
+    again = load_model(adapter_dirs["one"], weights=False).path
+    assert again == one and not Path(two).exists()
+    ids = torch.tensor([[5, 9, 30, 7, 2]])
+    with torch.no_grad():
+        assert torch.allclose(load_model(again).model(ids).logits, load_model(adapter_dirs["one"]).model(ids).logits,
+                              atol=1e-5)
