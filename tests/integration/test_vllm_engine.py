@@ -101,7 +101,7 @@ def test_the_app_serves_with_vllm_in_its_own_environment(ray_local, model_dir, t
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model_dir": adapter, "model_name": "tiny", "engine": "vllm", "vllm_python": VLLM_PYTHON,
-                     "dtype": "float32", "num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                     "num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1},  # dtype auto: as saved
                      # on a CPU, the fraction of the host memory vLLM reserves (0.92 by default)
                      "vllm_args": {"max_num_seqs": 8, "gpu_memory_utilization": 0.1}})
     serve.run(app, name="vllm", route_prefix="/")

@@ -304,6 +304,14 @@ def engine_kind(engine: str, device: str, adapters: bool = False) -> str:
     return "vllm" if device == "cuda" and not adapters and importlib.util.find_spec("vllm") is not None else "aigc"
 
 
+def saved_dtype(config: Any) -> str:
+    """`dtype: auto` for vLLM: the dtype the weights were saved in, as aigc's engine loads them. (vLLM's own "auto"
+    casts a float32 checkpoint to float16 on a GPU and to bfloat16 on a CPU, where its bfloat16 path died with
+    SIGILL inside a Serve replica on the development machine.) "auto" when the config does not say."""
+    dtype = getattr(config, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
 def local_model_dir(model_dir: str) -> str:
     """`model_dir` itself (~ expanded), or for an object-store URI the replica's verified copy (`modeldir.local_dir`)."""
     return local_dir(model_dir) if storage.is_uri(model_dir) else expand(model_dir)
@@ -324,7 +332,8 @@ class ModelCore:
         self.engine_kind = engine_kind(self.args.engine, device, self.args.serves_adapters)
         vllm = self.engine_kind == "vllm"
         loaded = load_model(local_model_dir(self.args.model_dir), device=device, dtype=dtype, weights=not vllm)
-        ctx = max_positions(AutoConfig.from_pretrained(loaded.path) if vllm else loaded.model)
+        config = AutoConfig.from_pretrained(loaded.path) if vllm else None
+        ctx = max_positions(config if vllm else loaded.model)
         self.tok, self.name, self.ctx = loaded.tokenizer, self.args.served_name, ctx
         if ensure_chat_template(self.tok):  # a directory exported before templates were saved with it
             logger.warning("%s has no chat template; chat uses aigc's default (aigc.template)", self.args.model_dir)
@@ -348,7 +357,8 @@ class ModelCore:
 
             self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
         elif vllm:  # the weights load in vLLM's engine; on a CPU without CUDA graphs (vLLM's CPU build)
-            self.engine = VllmEngine.create(loaded.path, self.tok.eos_token_id, self.metrics, dtype=self.args.dtype,
+            self.engine = VllmEngine.create(loaded.path, self.tok.eos_token_id, self.metrics,
+                                            dtype=saved_dtype(config) if self.args.dtype == "auto" else self.args.dtype,
                                             max_model_len=self.ctx,
                                             **{"enforce_eager": device == "cpu", **self.args.vllm_args})
         else:

@@ -85,7 +85,7 @@ class ServeArgs(Strict):
     model_name: str | None = Field(None, description="the id clients send as `model`; None = the directory name")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the loaded weights; auto = as saved"
+        "auto", description="dtype of the loaded weights; auto = as saved, for either engine"
     )
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica (1 CPU replica = 1 thread)")
     engine: Literal["auto", "aigc", "vllm"] = Field(
