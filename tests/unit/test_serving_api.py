@@ -749,3 +749,27 @@ def test_the_model_cache_keeps_the_most_recently_used_copies(tiny_model_dir, ada
     with torch.no_grad():
         assert torch.allclose(load_model(again).model(ids).logits, load_model(adapter_dirs["one"]).model(ids).logits,
                               atol=1e-5)
+
+
+def test_serve_refuses_a_port_something_already_listens_on_before_starting_ray(tiny_model_dir, monkeypatch, capsys):
+    """Serve's proxy binds with SO_REUSEPORT: a second local `aigc serve` on a taken port would bind too and the kernel
+    would split the connections between two apps. It answers 2, naming the port, and starts no Ray."""
+    import socket
+
+    import ray
+
+    from aigc.serving import app
+
+    monkeypatch.setattr(app, "cluster_address", lambda address: None)  # a Ray of its own, as with no cluster running
+
+    def no_ray(*a, **k):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert app.main(["--model", str(tiny_model_dir), "--port", str(port)]) == 2
+        assert f"--port {port}: something already listens on 127.0.0.1:{port}" in capsys.readouterr().out
+    assert app.port_taken("127.0.0.1", port) is None  # closed: free again

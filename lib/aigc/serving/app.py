@@ -40,6 +40,8 @@ import asyncio
 import importlib.util
 import logging
 import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -728,6 +730,21 @@ def app_builder(args: dict[str, Any]):
     return build_app(args)
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why a new Serve proxy should not take `host:port`, or None. Serve's proxy binds with SO_REUSEPORT, so a second
+    local Ray on a port another one serves binds too, and the kernel then splits the connections between the two
+    apps without an error: something that accepts a connection there is refused up front."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        if s.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0:
+            return f"something already listens on {host}:{port} (another `aigc serve`, or Serve of another Ray?)"
+    return None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """`aigc serve --model DIR [--name NAME] [--route-prefix /] [--port 8000] [--blocking] [a.b=value ...]`"""
     parser = argparse.ArgumentParser(
@@ -761,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     # no address, no RAY_ADDRESS and no `ray start` cluster: ray.init starts a Ray that lives (and takes
     # the app with it) only as long as this process, so we stay in the foreground
     owned = cluster_address(ns.address) is None
+    if owned and (taken := port_taken(ns.host, ns.port)):
+        print(f"--port {ns.port}: {taken}; choose another --port, or stop what holds it")
+        return 2
     ray.init(address=ns.address)
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name=ns.app_name, route_prefix=ns.route_prefix)
@@ -780,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deployed to the running Ray cluster; remove it with: serve delete {ns.app_name}")
         return 0
     print("Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean shutdown as Ctrl-C
     try:
         while True:
             time.sleep(3600)
