@@ -23,10 +23,11 @@ from aigc.config import DataSection, expand
 from aigc.corpus import ensure_embedded_corpus
 from aigc.modeldir import copy_model_dir
 from aigc.pipeline_config import DeploySection, PipelineConfig
+from aigc.raycompat import serve_running
 from aigc.search import run_search
 from aigc.search_config import SearchConfig
 from aigc.serving.adapters import adapter_meta
-from aigc.serving.app import build_app
+from aigc.serving.app import build_app, port_taken
 from aigc.serving.args import adapter_model_id, parse_args
 from aigc.taskdata import read_rows
 from aigc.taskmetrics import fidelity, is_embedded_task, parse_ad
@@ -41,7 +42,10 @@ class PipelineResult:
 
 
 def deploy(winner_dir: str, d: DeploySection) -> str:
-    """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers."""
+    """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers. Where this Ray
+    runs no Serve yet, a `deploy.port` something already listens on is refused (`port_taken`)."""
+    if not serve_running() and (taken := port_taken(d.host, d.port)):
+        raise RuntimeError(f"deploy.port: {taken}; set another deploy.port, or stop what holds it")
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
               blocking=False)

@@ -168,6 +168,16 @@ class PlacementGroupReaper:
         self.sweep()
 
 
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected Ray (its proxies hold their port already).
+
+    Ray 2.60: `ray.serve.context._get_global_client(raise_if_no_controller_running=False)`. Public replacement:
+    none (`serve.status()` raises without a controller, and `serve.start` starts one)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
 def cluster_address(address: str | None) -> str | None:
     """The running cluster `ray.init(address)` would connect to (RAY_ADDRESS, a `ray start` head on this
     machine); None when it would start a Ray of its own, which dies with this process.

@@ -44,3 +44,31 @@ def test_deploying_as_an_adapter_needs_a_lora_winner_and_a_usable_name():
     assert "deploy.as_adapter: the winner must be a LoRA adapter, but base.model.peft.method is 'none'" in str(e.value)
     with pytest.raises(ConfigError, match="deploy.adapter_name: String should match pattern"):
         load_config(PipelineConfig, shipped, ["deploy.adapter_name=a:b"])
+
+
+def test_deploy_refuses_a_port_something_listens_on_where_no_serve_runs_yet(monkeypatch):
+    """Serve's proxy binds with SO_REUSEPORT: a pipeline starting Serve on a port another local Serve holds would share
+    it silently. Where this Ray runs no Serve yet, deploy refuses the port before starting Serve; where Serve runs
+    (an update in place), the port is its own."""
+    import socket
+
+    import pytest
+    from ray import serve
+
+    from aigc import pipeline
+
+    started = []
+    monkeypatch.setattr(serve, "start", lambda **kw: started.append(kw))
+    monkeypatch.setattr(serve, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(pipeline, "build_app", lambda args: None)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setattr(pipeline, "serve_running", lambda: False)
+        with pytest.raises(RuntimeError, match=f"deploy.port: something already listens on 127.0.0.1:{port}"):
+            pipeline.deploy("winner", DeploySection(port=port))
+        assert started == []
+        monkeypatch.setattr(pipeline, "serve_running", lambda: True)
+        assert pipeline.deploy("winner", DeploySection(port=port)) == f"http://127.0.0.1:{port}"
+        assert started == [{"http_options": {"host": "127.0.0.1", "port": port}}]
