@@ -45,6 +45,7 @@ def tiny_cfg(tmp_path: Path, name: str, *overrides: str) -> FinetuneConfig:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_run_learns_and_exports(ray_local, tmp_path, stage):
+    """Then stage 3's export is checked against DeepSpeed's zero_to_fp32, and stage 2 is re-run under its name."""
     cfg = tiny_cfg(tmp_path, f"zero{stage}", f"zero.stage={stage}", "optim.max_steps=30", "eval.every_steps=10")
     result = run_finetune(cfg)
 
@@ -77,6 +78,8 @@ def test_zero_run_learns_and_exports(ray_local, tmp_path, stage):
     assert challenger.tags["aigc.fingerprint"] == files_fingerprint(verify_model_dir(result.best_dir))
     if stage == 3:
         check_export_equals_zero_to_fp32(cfg, result, log[-1])
+    else:
+        check_rerun_resumes_at_its_step(tmp_path, result, log)
 
 
 def check_export_equals_zero_to_fp32(cfg, result, last):
@@ -107,15 +110,13 @@ def check_export_equals_zero_to_fp32(cfg, result, last):
 
 
 
-def test_rerun_with_same_name_resumes_at_its_step(ray_local, tmp_path):
-    first = run_finetune(tiny_cfg(tmp_path, "resume", "optim.max_steps=20", "eval.every_steps=10",
-                                  "run.evaluate=false", "run.samples=0"))
-    assert [r["step"] for r in read_metrics_log(first.run_dir)] == [10, 20]
-    second = run_finetune(tiny_cfg(tmp_path, "resume", "optim.max_steps=40", "eval.every_steps=10",
+def check_rerun_resumes_at_its_step(tmp_path, first, first_log):
+    """Re-running the finished run under its name with more steps continues at its step, in the same MLflow run."""
+    second = run_finetune(tiny_cfg(tmp_path, "zero2", "zero.stage=2", "optim.max_steps=40", "eval.every_steps=10",
                                    "run.evaluate=false", "run.samples=0"))
     log = read_metrics_log(second.run_dir)
-    assert [r["step"] for r in log] == [10, 20, 30, 40]  # continued at 30, did not start over at 10
-    client, run_id = mlflow_run(second.run_dir)  # ... in the same MLflow run
+    assert log[:3] == first_log and [r["step"] for r in log] == [10, 20, 30, 40]  # continued at 31, not from 1
+    client, run_id = mlflow_run(second.run_dir)
     assert mlflow_run(first.run_dir)[1] == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [10, 20, 30, 40]
     # the data position and token count carried over: tokens grow by the same amount every 10 steps
