@@ -11,11 +11,6 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s) and sees a
-# run's end only at a poll: a 20-step tiny run's fit() took 23.3 s at the default and 18.7 s at 0.2 s (measured on
-# 2 cores), and the suite runs dozens of such runs. A missed poll is harmless (a worker counts as hung only after
-# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). Set before any Ray starts: its processes inherit it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def free_port() -> int:
