@@ -19,8 +19,9 @@ from openai import APIConnectionError, APIStatusError, InternalServerError, Open
 from ray import serve
 
 from aigc import tracking
-from aigc.config import DataSection, expand
+from aigc.config import ConfigError, DataSection, expand
 from aigc.corpus import ensure_embedded_corpus
+from aigc.finetune import init_ray
 from aigc.modeldir import copy_model_dir
 from aigc.pipeline_config import DeploySection, PipelineConfig
 from aigc.raycompat import serve_running
@@ -41,11 +42,18 @@ class PipelineResult:
     generations: list[dict[str, str]] = field(default_factory=list)
 
 
+def check_port(d: DeploySection, when: str = "") -> None:
+    """Where this Ray runs no Serve yet, a `deploy.port` something already listens on is refused (`port_taken`):
+    Serve's proxy binds with SO_REUSEPORT and would share it silently. Where Serve runs, the port is its own."""
+    if (taken := port_taken(d.host, d.port)) and not serve_running():
+        raise ConfigError([f"deploy.port: {taken}; set another deploy.port, or stop what holds it{when}"],
+                          "deploy section")
+
+
 def deploy(winner_dir: str, d: DeploySection) -> str:
-    """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers. Where this Ray
-    runs no Serve yet, a `deploy.port` something already listens on is refused (`port_taken`)."""
-    if not serve_running() and (taken := port_taken(d.host, d.port)):
-        raise RuntimeError(f"deploy.port: {taken}; set another deploy.port, or stop what holds it")
+    """Deploy (or update in place) the Serve app on the winner; returns the base URL once it answers. The port is
+    checked again here (`check_port`): it may have been taken while the search ran."""
+    check_port(d)
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app({**d.args, "model_dir": winner_dir}), name=d.app_name, route_prefix=d.route_prefix,
               blocking=False)
@@ -150,6 +158,11 @@ def mark_champion(cfg: PipelineConfig, model_dir: str) -> tracking.ModelVersionI
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    # a port the deploy would refuse fails now, not after the search; Ray starts early only when the port is taken
+    # (by this Ray's own Serve, an update in place, or by something else)
+    if not cfg.deploy.as_adapter and port_taken(cfg.deploy.host, cfg.deploy.port):
+        init_ray()
+        check_port(cfg.deploy, " (checked before the search, so that it does not run for nothing)")
     # the trials see a plain search config: the deploy section is the pipeline's, not theirs
     result = run_search(SearchConfig.model_validate(cfg.model_dump(exclude={"deploy"})))
     if result.interrupted or not result.winner_dir:

@@ -56,6 +56,7 @@ def test_deploy_refuses_a_port_something_listens_on_where_no_serve_runs_yet(monk
     from ray import serve
 
     from aigc import pipeline
+    from aigc.config import ConfigError
 
     started = []
     monkeypatch.setattr(serve, "start", lambda **kw: started.append(kw))
@@ -66,9 +67,36 @@ def test_deploy_refuses_a_port_something_listens_on_where_no_serve_runs_yet(monk
         held.listen()
         port = held.getsockname()[1]
         monkeypatch.setattr(pipeline, "serve_running", lambda: False)
-        with pytest.raises(RuntimeError, match=f"deploy.port: something already listens on 127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"deploy.port: something already listens on 127.0.0.1:{port}"):
             pipeline.deploy("winner", DeploySection(port=port))
         assert started == []
         monkeypatch.setattr(pipeline, "serve_running", lambda: True)
         assert pipeline.deploy("winner", DeploySection(port=port)) == f"http://127.0.0.1:{port}"
         assert started == [{"http_options": {"host": "127.0.0.1", "port": port}}]
+
+
+def test_the_pipeline_refuses_a_taken_port_before_its_search(monkeypatch):
+    """A deploy.port the deploy would refuse stops the pipeline before the search, not after it."""
+    import socket
+    from pathlib import Path
+
+    import pytest
+
+    from aigc import pipeline
+    from aigc.config import ConfigError, load_config
+    from aigc.pipeline_config import PipelineConfig
+
+    shipped = Path(__file__).resolve().parents[2] / "jobs/configs/pipeline-tiny-cpu.yaml"
+    searched = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda: None)
+    monkeypatch.setattr(pipeline, "serve_running", lambda: False)
+    monkeypatch.setattr(pipeline, "run_search", lambda cfg: searched.append(cfg))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = load_config(PipelineConfig, shipped, [f"deploy.port={port}"])
+        with pytest.raises(ConfigError, match=rf"deploy.port: something already listens on \S+:{port} .*"
+                                               r"\(checked before the search"):
+            pipeline.run_pipeline(cfg)
+    assert searched == []
