@@ -55,23 +55,28 @@ def head_node():
     # a user's shell: without conftest's RAY_DEDUP_LOGS=0, which also turns off Ray's skip regex for forwarded lines
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}, "RAY_AUTH_MODE": "token",
            "PATH": f"{BIN}:{os.environ['PATH']}", **haproxy_env(temp)}
+    # every listener on a free port: Ray's fixed defaults (the agent's 52365, the client server's 10001) collide
+    # with any other Ray on the machine (a user's own, another test run's), and the job API is the agent's
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # ready = a job can be submitted (the job agent starts after the API)
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
-                           capture_output=True)
-        if r.returncode == 0:
-            break
-        assert head.poll() is None, head.stdout.read()
-        time.sleep(2)
-    else:
-        pytest.fail("head node did not come up")
-    yield address, env
-    stop_private_head(head, temp)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # ready = a job can be submitted (the job agent starts after the API)
+            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                               capture_output=True)
+            if r.returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read()
+            time.sleep(2)
+        else:
+            pytest.fail("head node did not come up")
+        yield address, env
+    finally:  # a head that never came up is stopped too
+        stop_private_head(head, temp)
 
 
 def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
