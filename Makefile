@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
+ifeq ($(HAS_GPU),)
+	$(VENV)/bin/aigc build-ops  # DeepSpeed's CPU ops (~1 min), once here rather than in the first runs
+endif
 	touch $(STAMP)
 
 demo: setup  ## the whole loop on the embedded default: search, report, winner, Serve, sample requests

@@ -10,6 +10,7 @@ arguments and every config field it takes (full dotted key, type, default, descr
     aigc report SEARCH_DIR                                               (re)generate a search report
     aigc corpus --out DIR                                                write the embedded corpus
     aigc check-cluster [--cluster cluster.yaml] [CONFIG ...]             check a cluster.yaml offline
+    aigc build-ops [--dir DIR]                                           compile DeepSpeed's ops once, not in a run
 
 `ray job submit` runs the scripts jobs/finetune.py, tune/search.py, jobs/pipeline.py and jobs/refresh.py, which
 call the same functions as `aigc finetune`, `aigc search`, `aigc pipeline` and `aigc refresh`.
@@ -338,6 +339,24 @@ def check_cluster(argv: list[str] | None = None, prog: str | None = None) -> int
     return _own_main(clustercheck_main, list(argv or []))
 
 
+def build_ops(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Compile DeepSpeed's ops (CPU Adam for offload, CPU collectives) into the ops cache, so no run compiles them."""
+    p = argparse.ArgumentParser(prog=prog, description=inspect.getdoc(build_ops) + " Run it once per machine and "
+                                "Python environment: `make setup` does; on a cluster, in the nodes' setup commands.")
+    p.add_argument("--dir", help="the ops cache (default: TORCH_EXTENSIONS_DIR, else run.torch_extensions_dir's "
+                   "default, where the workers look)")
+    args = p.parse_args(argv)
+    console.setup()
+    from aigc.train import build_ops as build
+
+    t0 = time.time()
+    built = build(args.dir)
+    for name, path in built.items():
+        print(f"[aigc] op {name}: {path}")
+    print(f"[aigc] {len(built)} DeepSpeed op(s) ready in {time.time() - t0:.0f} s")
+    return 0
+
+
 def corpus(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Write the embedded commerce corpus as train/validation/test jsonl files (and its grammar)."""
     from aigc.corpus import write_corpus
@@ -369,6 +388,7 @@ VERBS: dict[str, Callable[..., int]] = {
     "report": report,
     "corpus": corpus,
     "check-cluster": check_cluster,
+    "build-ops": build_ops,
 }
 
 

@@ -343,7 +343,9 @@ class RunSection(Strict):
         "every node shares (EFS/NFS)"
     )
     torch_extensions_dir: str = Field(
-        "~/.cache/aigc/torch_extensions", description="where DeepSpeed caches compiled ops (first build ~25 s)"
+        "~/.cache/aigc/torch_extensions",
+        description="where DeepSpeed caches compiled ops: `aigc build-ops` fills it (make setup runs it); a run that "
+                    "finds an op missing compiles it on its workers, ~25-35 s each"
     )
     samples: int = Field(3, ge=0, description="generations printed from the fine-tuned model at the end")
     evaluate: bool = Field(True, description="test perplexity of base and fine-tuned model after training")

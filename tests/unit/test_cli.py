@@ -108,6 +108,7 @@ def test_serve_help_shows_its_options_then_the_serve_args(capsys):
 @pytest.mark.parametrize("verb, shows", [
     ("report", ["usage: aigc report", "search_dir", "--out OUT"]),
     ("check-cluster", ["--cluster CLUSTER", "configs"]),
+    ("build-ops", ["usage: aigc build-ops", "--dir DIR", "make setup"]),
     ("corpus", ["usage: aigc corpus", "--out OUT", "--n-train N_TRAIN", "documents in the train split (default: 4000)"]),
 ])
 def test_other_verbs_help(capsys, verb, shows):
