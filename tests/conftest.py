@@ -14,9 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and takes one
 # report per worker per poll, and a worker's `ray.train.report` waits in a queue of one until then: a tiny test run
 # that validates every 10 steps spends seconds blocked on those polls, and the run's end needs two more. The suite
-# polls every 0.5 s: test_finetune.py 240 s -> 169 s in the same hour, most of it in replacing a killed worker; runs
-# with fewer, slower reports gain little. A poll that takes longer is awaited in the next round, not counted as a
-# failure (that is RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes, unchanged). Set
+# polls every 0.5 s: test_finetune.py 204 s -> 172 s back to back; runs with fewer, slower reports gain little. A
+# poll that takes longer is awaited in the next round, not counted as a failure (that is
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes, unchanged). Set
 # before any Ray starts: local clusters, `ray start` heads and job drivers inherit it; Train passes it on to its
 # controller. Users keep Ray's default (the README says when to lower it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -55,7 +55,8 @@ def has_cuda() -> bool:
 
 
 # DeepSpeed picks its accelerator by itself; saying which silences the warning. Compiled ops are cached
-# across runs (the first build takes ~25 s).
+# across runs in TORCH_EXTENSIONS_DIR: `make setup` builds them (`aigc build-ops`), else the first run that needs
+# one does (~25-35 s each).
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if has_cuda() else "cpu")
 
 
