@@ -16,9 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # that validates every 10 steps spends seconds blocked on those polls, and the run's end needs two more. The suite
 # polls every 0.5 s: test_finetune.py 204 s -> 172 s back to back; runs with fewer, slower reports gain little. A
 # poll that takes longer is awaited in the next round, not counted as a failure (that is
-# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes, unchanged). Set
-# before any Ray starts: local clusters, `ray start` heads and job drivers inherit it; Train passes it on to its
-# controller. Users keep Ray's default (the README says when to lower it).
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes, unchanged). Set before any Ray starts: local clusters,
+# `ray start` heads and job drivers inherit it; Train passes it on to its controller. Users keep Ray's default
+# (the README says when to lower it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 

@@ -346,11 +346,22 @@ def build_ops(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--dir", help="the ops cache (default: TORCH_EXTENSIONS_DIR, else run.torch_extensions_dir's "
                    "default, where the workers look)")
     args = p.parse_args(argv)
+    if args.dir:
+        try:
+            os.makedirs(os.path.expanduser(args.dir), exist_ok=True)
+        except OSError as e:
+            print(f"error: --dir {args.dir}: {e.strerror or e}", file=sys.stderr)
+            return 2
     console.setup()
     from aigc.train import build_ops as build
 
     t0 = time.time()
-    built = build(args.dir)
+    try:
+        built = build(args.dir)
+    except (RuntimeError, OSError) as e:  # no C++ toolchain, or a cache the build cannot write
+        print(f"error: DeepSpeed could not build its ops ({type(e).__name__}: {e}); it needs a C++ compiler (g++) "
+              "and a writable cache", file=sys.stderr)
+        return 1
     for name, path in built.items():
         print(f"[aigc] op {name}: {path}")
     print(f"[aigc] {len(built)} DeepSpeed op(s) ready in {time.time() - t0:.0f} s")

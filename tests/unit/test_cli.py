@@ -170,3 +170,10 @@ def test_scripts_call_the_verbs_and_show_their_own_commands(capsys, script, verb
     out = capsys.readouterr().out
     assert f"python {script} --config" in out and " fields (set with key=value" in out
     assert mod.main(["no-equals-sign"]) == 2  # the verb's user-error handling
+
+
+def test_build_ops_rejects_a_cache_it_cannot_create(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert main(["build-ops", "--dir", str(tmp_path / "a_file" / "ops")]) == 2
+    err = capsys.readouterr().err
+    assert f"--dir {tmp_path / 'a_file' / 'ops'}: Not a directory" in err
