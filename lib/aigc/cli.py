@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from aigc import console
-from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
+from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, expand, load_config
 from aigc.pipeline_config import PipelineConfig
 from aigc.refresh_config import RefreshBusy, RefreshConfig, RefreshError
 from aigc.search_config import SearchConfig
@@ -348,7 +348,7 @@ def build_ops(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = p.parse_args(argv)
     if args.dir:
         try:
-            os.makedirs(os.path.expanduser(args.dir), exist_ok=True)
+            os.makedirs(expand(args.dir), exist_ok=True)  # the path build_ops will use
         except OSError as e:
             print(f"error: --dir {args.dir}: {e.strerror or e}", file=sys.stderr)
             return 2
