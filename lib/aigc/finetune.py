@@ -10,14 +10,13 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +52,7 @@ from aigc.modeldir import (
 from aigc.modeling import build_tiny_gpt2, train_tokenizer
 from aigc.placement import worker_bundle
 from aigc.privacy import DPPlan, plan, projected_epsilon
+from aigc.runlog import ReportLog, TrackReports
 from aigc.taskdata import training_texts
 from aigc.template import ensure_chat_template
 from aigc.train import CKPT_TAG, HF_SUBDIR, train_loop_per_worker
@@ -81,38 +81,6 @@ def init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, runtime_env=console.runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs are files, not terminals
-
-
-class ReportLog(UserCallback):
-    """Appends every report (rank 0's metrics + checkpoint path) to `<run_dir>/metrics.jsonl`, across
-    restarts and resumed runs: the learning curve of a run, readable while it trains."""
-
-    def __init__(self, path: str, location: str | None = None):
-        self.path, self.location = path, location  # location: the log's copy in an object-store run
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None, timestamp=time.time())
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=str) + "\n")
-        if self.location:  # in the bucket as it grows: a run stopped early (ASHA, a killed driver) keeps its curve
-            try:
-                storage.write_bytes(self.location, Path(self.path).read_bytes())
-            except storage.StorageError as e:
-                print(f"[aigc] could not copy the metrics log to {storage.redact(self.location)}: {e}", flush=True)
-
-
-class TrackReports(UserCallback):
-    """Logs every report's metrics (rank 0's) to the run's MLflow run at its optimizer step. Train calls it in its
-    controller (one process, on the driver's node), never on a worker."""
-
-    def __init__(self, run: tracking.TrackedRun):
-        self.run = run
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        try:
-            self.run.log_metrics(metrics[0], step=int(metrics[0].get("step", 0)))
-        except Exception as e:  # a tracking store that is down must not stop the training (metrics.jsonl has it all)
-            print(f"[aigc] tracking: could not log step {metrics[0].get('step')} to MLflow: {e}", flush=True)
 
 
 def start_tracking(cfg: FinetuneConfig, run_dir: Path) -> tracking.TrackedRun | None:

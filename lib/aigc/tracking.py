@@ -43,7 +43,6 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from aigc.comparison import comparison_rows
 from aigc.config import TrackingSection, expand
 from aigc.layout import TRACKING_ARTIFACTS, TRACKING_DB
-from aigc.modeldir import files_fingerprint, read_metadata
 
 CHAMPION, CHALLENGER = "champion", "challenger"  # what Serve runs; the last candidate
 KIND_TAG, FINGERPRINT_TAG, ROLE_TAG = "aigc.kind", "aigc.fingerprint", "aigc.role"
@@ -225,6 +224,9 @@ class Tracker:
         and role; the version that already has that fingerprint when there is one. Then `alias` moves to it.
 
         The version's source is the directory itself (registering does not copy the weights): keep it where it is."""
+        # here, not at the top: modeldir imports transformers, and Train's controller imports this module (runlog)
+        from aigc.modeldir import files_fingerprint, read_metadata
+
         meta = read_metadata(model_dir)
         fp = files_fingerprint(meta)
         found = self.find_version(fp)
