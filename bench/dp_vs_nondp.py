@@ -31,8 +31,8 @@ from lora_vs_full import measure
 from task_quality import check
 
 from aigc.canary import make_canaries, model_exposures, with_canaries
-from aigc.config import FinetuneConfig, load_config
-from aigc.finetune import BEST_DIR, clean_run, init_ray, read_metrics_log, run_dir_of
+from aigc.config import FinetuneConfig, load_config, run_dir_of
+from aigc.finetune import BEST_DIR, clean_run, init_ray, read_metrics_log
 from aigc.pretrain import ensure_base
 
 ROOT = Path(__file__).resolve().parents[1]

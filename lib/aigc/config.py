@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aigc import storage
+from aigc.layout import staging_dir
 from aigc.storage import scheme_problem
 
 
@@ -582,3 +584,15 @@ def to_yaml(cfg: BaseModel) -> str:
 def expand(path: str) -> str:
     """`~` and env vars expanded; URIs (`s3://...`) untouched."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
+
+
+def run_location(cfg: FinetuneConfig) -> str:
+    """Where the run is stored: `<run.storage_path>/<run.name>`, a local folder or an object-store URI."""
+    return storage.join(expand(cfg.run.storage_path), cfg.run.name)
+
+
+def run_dir_of(cfg: FinetuneConfig) -> Path:
+    """The run's local folder: the run folder itself, or for an object-store run the driver's staging copy
+    (keyed by the location, so two buckets' runs of one name stay apart)."""
+    loc = run_location(cfg)
+    return staging_dir(loc, cfg.run.name) if storage.is_uri(loc) else Path(loc)

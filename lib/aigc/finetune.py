@@ -22,7 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from aigc import console, storage, tracking
 from aigc.comparison import comparison_rows, example_lines
-from aigc.config import EMBEDDED_BASE, MIN_POSITIONS, FinetuneConfig, expand, to_yaml
+from aigc.config import (
+    EMBEDDED_BASE,
+    MIN_POSITIONS,
+    FinetuneConfig,
+    run_dir_of,
+    run_location,
+    to_yaml,
+)
 from aigc.corpus import ensure_embedded_corpus
 from aigc.data import DataError, PackedData, load_splits, make_data_config, shard_datasets, to_ray_blocks
 from aigc.ddp import fp32_state_dict, is_ddp_checkpoint
@@ -37,7 +44,6 @@ from aigc.layout import (
     SUMMARY,
     TRACKING_RECORD,
     read_json_lines,
-    staging_dir,
 )
 from aigc.lora import check_before_training, export_adapter, is_adapter_checkpoint
 from aigc.modeldir import (
@@ -117,18 +123,6 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
 # what a resumed object-store run reads back into its staging folder, beside the base model it built (not the
 # checkpoints: Train reads those)
 RUN_FILES = [RUN_CONFIG, METRICS_LOG, SUMMARY, TRACKING_RECORD]
-
-
-def run_location(cfg: FinetuneConfig) -> str:
-    """Where the run is stored: `<run.storage_path>/<run.name>`, a local folder or an object-store URI."""
-    return storage.join(expand(cfg.run.storage_path), cfg.run.name)
-
-
-def run_dir_of(cfg: FinetuneConfig) -> Path:
-    """The run's local folder: the run folder itself, or for an object-store run the driver's staging copy
-    (keyed by the location, so two buckets' runs of one name stay apart)."""
-    loc = run_location(cfg)
-    return staging_dir(loc, cfg.run.name) if storage.is_uri(loc) else Path(loc)
 
 
 def pull_run_files(loc: str, run_dir: Path) -> None:

@@ -49,11 +49,12 @@ from aigc.config import (
     ScalingSection,
     TrackingSection,
     expand,
+    run_location,
     to_yaml,
 )
 from aigc.corpus import DEFAULT_GRAMMAR
 from aigc.data import load_splits
-from aigc.finetune import BEST_DIR, FinetuneResult, clean_run, run_finetune, run_location
+from aigc.finetune import BEST_DIR, FinetuneResult, clean_run, run_finetune
 from aigc.layout import RUN_CONFIG
 from aigc.modeldir import METADATA, ModelDirError, copy_model_dir, verify_model_dir
 

@@ -48,10 +48,10 @@ import requests
 from ray import serve
 
 from aigc import tracking
-from aigc.config import EMBEDDED_BASE, EmbeddedCorpus, FinetuneConfig, build, expand
+from aigc.config import EMBEDDED_BASE, EmbeddedCorpus, FinetuneConfig, build, expand, run_dir_of
 from aigc.corpus import DRIFT_WEEKS, ensure_embedded_corpus, write_drift_batch, write_task_corpus
 from aigc.evaluate import task_eval_inputs
-from aigc.finetune import evaluate_before_after, init_ray, prepare, run_dir_of, run_finetune
+from aigc.finetune import evaluate_before_after, init_ray, prepare, run_finetune
 from aigc.layout import BEST_DIR, SUMMARY, TRACKING_RECORD
 from aigc.modeldir import files_fingerprint, read_metadata, verify_model_dir
 from aigc.pipeline import deploy

@@ -1,7 +1,7 @@
 """Hyperparameter search: space -> trials -> winner, with Ray Tune over the fine-tuning driver.
 
 Each trial is a full Ray Train + DeepSpeed fine-tune through `aigc.finetune.run_finetune` (the same driver
-as `jobs/finetune.py`), launched from a Tune function trainable whose own actor asks for almost nothing;
+as `jobs/finetune.py`), launched from a Tune function trainable (`aigc.trial`) whose own actor asks for almost nothing;
 its Train reports reach Tune through `TuneReportCallback` (Ray 2.60 rejects `Tuner(trainer)`). The data
 and the base model are prepared once per search and shared with every trial. ASHA stops the trials that
 fall behind; the best trial's model is copied to `winner/` and the report is written.
@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import yaml
 from ray import tune
 
 from aigc import console, storage, tracking, tuning
-from aigc.config import ConfigError, FinetuneConfig, build, to_yaml
+from aigc.config import ConfigError, FinetuneConfig, to_yaml
 from aigc.evaluate import task_eval_inputs
 from aigc.finetune import (
     Prepared,
@@ -36,9 +35,6 @@ from aigc.finetune import (
     export_checkpoint,
     init_ray,
     prepare,
-    run_dir_of,
-    run_finetune,
-    run_location,
 )
 from aigc.layout import (
     ASHA_LEDGER,
@@ -58,7 +54,6 @@ from aigc.layout import (
     TUNE_DIR,
     TUNE_STATE_GLOB,
     WINNER_DIR,
-    read_json_lines,
     trial_run_name,
 )
 from aigc.modeldir import ModelDirError, copy_model_dir, read_metadata, verify_model_dir
@@ -81,22 +76,11 @@ from aigc.search_config import (
     check_algorithm,
     search_dir_of,
     search_location,
-    set_param,
     total_trials,
 )
+from aigc.trial import run_trial
 
 # ----------------------------------------------------------------------------------------------- space
-
-
-def trial_config(cfg: SearchConfig, params: dict[str, Any], trial_id: str) -> FinetuneConfig:
-    """The base config with the sampled hyperparameters set, named after the Tune trial, stored in the search."""
-    data = cfg.base.model_dump(mode="json")
-    for name, value in params.items():
-        set_param(data, name, value)
-    data["run"].update(name=trial_run_name(trial_id), storage_path=storage.join(search_location(cfg), TRIALS_DIR),
-                       evaluate=False, samples=0)
-    data["tracking"]["enabled"] = False  # the search's driver tracks each trial as its child run (tuning.TrackTrials)
-    return build(FinetuneConfig, data, f"trial {trial_id}")
 
 
 def tune_space(cfg: SearchConfig) -> dict[str, Any]:
@@ -149,65 +133,6 @@ def plan_concurrency(cfg: SearchConfig, nodes: list[dict[str, float]], types: li
 
 
 # ------------------------------------------------------------------------------------------- trials
-
-
-class _TrialDriver:
-    """Runs one trial's fine-tuning driver *outside* the Tune trial's placement group.
-
-    Tune places a trial's actor in a 0.02-CPU placement group that captures every task the actor starts, so
-    the driver's own Ray tasks (the model export asks for 1 CPU) could never be scheduled from there. This
-    actor is created with the default scheduling strategy; it is owned by the trial actor and dies with it
-    when Tune stops the trial.
-    """
-
-    def run(self, tcfg: dict[str, Any], callback: Any, prepared: Any) -> dict[str, Any]:
-        r = run_finetune(FinetuneConfig.model_validate(tcfg), callbacks=[callback], prepared=prepared)
-        return {"best_dir": r.best_dir, "best_metrics": r.best_metrics, "final_metrics": r.metrics}
-
-
-def ended_before(sdir: Path, run_dir: Path, trial_id: str, location: str | None = None) -> str | None:
-    """How a trial ended, when its own files say it has: exported its model, or stopped by ASHA. `location`: the
-    trial run's object-store copy, where its end is recorded too.
-
-    Tune saves a trial's end in its experiment state a moment after the trial writes it here; a search
-    interrupted in that moment restores the trial as unfinished and starts it again.
-    """
-    if (run_dir / TRIAL_DONE).is_file() or (location and storage.exists(storage.join(location, TRIAL_DONE))):
-        return "finished"
-    if any(s.get("trial_id") == trial_id for s in read_json_lines(sdir / ASHA_LEDGER)):
-        return "was stopped by ASHA"
-    return None
-
-
-def _trial(params: dict[str, Any], search: dict[str, Any] | None = None, prepared: Any = None) -> None:
-    """One Tune trial: a full fine-tune of the base config with `params` set."""
-    cfg = SearchConfig.model_validate(search)
-    trial_id = tune.get_context().get_trial_id()
-    tcfg = trial_config(cfg, params, trial_id)
-    run_dir, loc = run_dir_of(tcfg), run_location(tcfg)
-    remote = storage.is_uri(loc)
-    ended = ended_before(search_dir_of(cfg), run_dir, trial_id, loc if remote else None)
-    if ended:  # Tune was interrupted before it recorded the end: do not train (or export) it again
-        print(f"[aigc] trial {trial_id} {ended} before the search was interrupted; not run again", flush=True)
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if remote:  # this node's staging copy may be stale or missing: the bucket has every attempt so far
-        storage.pull_files(loc, run_dir, [TRIAL_ATTEMPTS])
-    with open(run_dir / TRIAL_ATTEMPTS, "a") as f:  # a retried or resumed trial adds a line
-        f.write(json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n")
-    if remote:  # the search's driver reads a bucket's trials from the bucket
-        storage.push_files(run_dir, loc, [TRIAL_ATTEMPTS])
-    t0 = time.time()
-    callback = tuning.ForwardToTune()  # made here, inside the Tune session whose report queue it holds
-    driver = ray.remote(_TrialDriver).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
-    try:
-        out = ray.get(driver.run.remote(tcfg.model_dump(mode="json"), callback, prepared))
-    finally:
-        ray.kill(driver)
-    (run_dir / TRIAL_DONE).write_text(json.dumps({"trial_id": trial_id, "params": params,
-                                                  "wall_s": time.time() - t0, **out}, indent=2, default=str))
-    if remote:
-        storage.push_files(run_dir, loc, [TRIAL_DONE])
 
 
 # The files of an object-store search its driver keeps a staging copy of: its own, Tune's folder, and of each
@@ -343,7 +268,8 @@ def run_search(cfg: SearchConfig, tune_callbacks: list[Any] | None = None) -> Se
         prepared = _share_ready(full, cfg.base.scaling.num_workers)
         check_batch_sizes(cfg, prepared.packed.blocks["train"])
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, search=cfg.model_dump(mode="json"), prepared=prepared),
+            # the prepared data as a ref in a list: the trial's actor hands it to its driver without loading it
+            tune.with_parameters(run_trial, search=cfg.model_dump(mode="json"), prepared=[ray.put(prepared)]),
             trial_bundles(cfg.base.scaling)[0],  # the trial's own actor; its Train workers ask for theirs
         )
         exp = storage.join(loc, TUNE_DIR)  # Tune's own folder: in the bucket for an object-store search

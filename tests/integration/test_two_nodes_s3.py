@@ -13,7 +13,8 @@ import pytest
 from test_finetune import kill_after_first_report, tiny_cfg
 
 from aigc import storage
-from aigc.finetune import read_metrics_log, run_dir_of, run_finetune
+from aigc.config import run_dir_of
+from aigc.finetune import read_metrics_log, run_finetune
 from aigc.modeldir import verify_model_dir
 from aigc.train import CKPT_TAG
 

@@ -196,8 +196,9 @@ def test_tampered_adapter_refused(trained, tmp_path):
 def test_search_space_sets_lora_keys_and_the_report_shows_them(tmp_path):
     from aigc.report import render
     from aigc.report_data import SearchData, TrialRecord
-    from aigc.search import trial_config, tune_space
+    from aigc.search import tune_space
     from aigc.search_config import SearchConfig
+    from aigc.trial import trial_config
 
     space = ["space.lora.r={kind: choice, values: [4, 16]}", "space.lora.dropout={kind: uniform, low: 0.0, high: 0.2}"]
     with pytest.raises(ConfigError, match="space.lora.dropout: LoRA settings are searched but base.model.peft.method"):

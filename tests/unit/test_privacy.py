@@ -206,8 +206,8 @@ def test_privacy_config_errors_say_why():
 
 def test_search_over_clip_and_noise_with_epsilon_beside_the_loss(tmp_path):
     from aigc.report_data import TrialRecord
-    from aigc.search import trial_config
     from aigc.search_config import SearchConfig
+    from aigc.trial import trial_config
 
     base = ["base.privacy.enabled=true", "base.privacy.noise_multiplier=1.0", "base.zero.stage=0",
             "base.data.format=chat", "base.data.packing=false", f"search.storage_path={tmp_path}"]

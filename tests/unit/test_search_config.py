@@ -25,15 +25,9 @@ from aigc.placement import (
 from aigc.report import FILES, render
 from aigc.report_data import SearchData, TrialRecord, importance, load_search, spearman
 from aigc.report_plots import PLOTS
-from aigc.search import (
-    check_batch_sizes,
-    check_resume,
-    ended_before,
-    plan_concurrency,
-    trial_config,
-    tune_space,
-)
+from aigc.search import check_batch_sizes, check_resume, plan_concurrency, tune_space
 from aigc.search_config import SearchConfig, check_algorithm, search_dir_of, total_trials
+from aigc.trial import ended_before, trial_config
 from aigc.tuning import searcher
 
 ROOT = Path(__file__).resolve().parents[2]
