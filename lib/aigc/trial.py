@@ -1,9 +1,9 @@
 """One trial of a search: what runs in Tune's trial actor, and the actor that runs the trial's fine-tune.
 
 Tune starts a fresh process for each trial and unpickles `run_trial` there, which imports this module. So it
-imports no more than a trial needs to name its run, record its attempts and wait (Tune, the configs, storage):
-not `aigc.search` or `aigc.finetune`, which would cost every trial ~4 s of importing transformers, DeepSpeed and
-the data pipeline in a process that trains nothing. The fine-tune runs in `TrialDriver`, its own actor, which
+imports no more than a trial needs to name its run, record its attempts, forward its reports to Tune and wait
+(Tune, the configs, storage): not `aigc.search` or `aigc.finetune`, which would cost every trial ~4 s of
+importing transformers, DeepSpeed and the data pipeline in a process that trains nothing, nor MLflow. The fine-tune runs in `TrialDriver`, its own actor, which
 imports `aigc.finetune` when it starts the run.
 """
 
@@ -17,11 +17,25 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from aigc import storage, tuning
+from aigc import storage
 from aigc.config import FinetuneConfig, build, run_dir_of, run_location
 from aigc.layout import ASHA_LEDGER, TRIAL_ATTEMPTS, TRIAL_DONE, TRIALS_DIR, read_json_lines, trial_run_name
 from aigc.search_config import SearchConfig, search_dir_of, search_location, set_param
+
+# Metrics the Train loop reports that Tune reserves for itself: a worker's `done: true` would make Tune stop
+# the trial (and kill its actor) before the driver exports the trained model.
+RENAMED_METRICS = {"done": "run_done"}
+
+
+class ForwardToTune(TuneReportCallback):
+    """`TuneReportCallback` that renames the metrics Tune reserves (see RENAMED_METRICS). Make it inside the
+    Tune trial whose report queue it holds."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        metrics = [{RENAMED_METRICS.get(k, k): v for k, v in m.items()} for m in metrics]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def trial_config(cfg: SearchConfig, params: dict[str, Any], trial_id: str) -> FinetuneConfig:
@@ -86,7 +100,7 @@ def run_trial(params: dict[str, Any], search: dict[str, Any] | None = None, prep
     if remote:  # the search's driver reads a bucket's trials from the bucket
         storage.push_files(run_dir, loc, [TRIAL_ATTEMPTS])
     t0 = time.time()
-    callback = tuning.ForwardToTune()  # made here, inside the Tune session whose report queue it holds
+    callback = ForwardToTune()  # made here, inside the Tune session whose report queue it holds
     driver = ray.remote(TrialDriver).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
     try:
         out = ray.get(driver.run.remote(tcfg.model_dump(mode="json"), callback, prepared[0]))

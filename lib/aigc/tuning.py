@@ -1,4 +1,4 @@
-"""The Ray Tune pieces a search runs with: ASHA that keeps a ledger, the seeded searcher, report forwarding.
+"""The Ray Tune pieces a search's driver runs with: ASHA that keeps a ledger, the seeded searcher, trial tracking.
 
 Imports Tune, so `aigc.search` imports this module only once a search is about to run (its config is
 validated without Ray). What these classes need of Tune's private parts is in `aigc.raycompat`.
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -22,20 +21,6 @@ from aigc.layout import TRACKING_RECORD, TUNE_RESULTS, read_json_lines, trial_ru
 from aigc.search_config import SearchConfig, full_rounds
 
 METRIC, MODE = "val_loss", "min"
-# Metrics the Train loop reports that Tune reserves for itself: a worker's `done: true` would make Tune stop
-# the trial (and kill its actor) before the driver exports the trained model.
-RENAMED_METRICS = {"done": "run_done"}
-
-
-class ForwardToTune(TuneReportCallback):
-    """`TuneReportCallback` that renames the metrics Tune reserves (see RENAMED_METRICS). Make it inside the
-    Tune trial whose report queue it holds."""
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        metrics = [{RENAMED_METRICS.get(k, k): v for k, v in m.items()} for m in metrics]
-        super().after_report(run_context, metrics, checkpoint)
-
-
 class TrackTrials(Callback):
     """Each trial as a child run of the search's MLflow run, logged from the search's driver: its hyperparameters
     when it starts, its validation metrics at their optimizer step, FINISHED or FAILED at its end. The child's
