@@ -14,7 +14,6 @@ else
 TORCH_SPEC ?= torch>=2.13,<2.15
 endif
 TORCH_PIP_ARGS ?=
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aigc/torch_extensions
 PYTEST_ARGS ?=
 
 .PHONY: setup demo finetune test unit lint clean vllm-env

@@ -8,7 +8,6 @@ from typing import NamedTuple
 
 import pytest
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aigc/torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and takes one
@@ -55,8 +54,8 @@ def has_cuda() -> bool:
 
 
 # DeepSpeed picks its accelerator by itself; saying which silences the warning. Compiled ops are cached
-# across runs in TORCH_EXTENSIONS_DIR: `make setup` builds them (`aigc build-ops`), else the first run that needs
-# one does (~25-35 s each).
+# across runs in this environment's folder of `run.torch_extensions_dir` (aigc.train.ops_cache): `make setup`
+# builds them (`aigc build-ops`), else the first run that needs one does (~25-35 s each).
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if has_cuda() else "cpu")
 
 

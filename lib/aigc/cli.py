@@ -343,8 +343,8 @@ def build_ops(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Compile DeepSpeed's ops (CPU Adam for offload, CPU collectives) into the ops cache, so no run compiles them."""
     p = argparse.ArgumentParser(prog=prog, description=inspect.getdoc(build_ops) + " Run it once per machine and "
                                 "Python environment: `make setup` does; on a cluster, in the nodes' setup commands.")
-    p.add_argument("--dir", help="the ops cache (default: TORCH_EXTENSIONS_DIR, else run.torch_extensions_dir's "
-                   "default, where the workers look)")
+    p.add_argument("--dir", help="the ops cache, which gets a folder per Python environment (default: "
+                   "TORCH_EXTENSIONS_DIR as it is, else run.torch_extensions_dir's default, where the workers look)")
     args = p.parse_args(argv)
     if args.dir:
         try:

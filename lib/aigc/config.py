@@ -346,8 +346,9 @@ class RunSection(Strict):
     )
     torch_extensions_dir: str = Field(
         "~/.cache/aigc/torch_extensions",
-        description="where DeepSpeed caches compiled ops: `aigc build-ops` fills it (make setup runs it); a run that "
-                    "finds an op missing compiles it on its workers, ~25-35 s each"
+        description="where DeepSpeed caches compiled ops, a folder per Python environment under it (TORCH_EXTENSIONS_DIR, "
+                    "when set, is used as it is): `aigc build-ops` fills it (make setup runs it); a run that finds an "
+                    "op missing compiles it on its workers, ~25-35 s each"
     )
     samples: int = Field(3, ge=0, description="generations printed from the fine-tuned model at the end")
     evaluate: bool = Field(True, description="test perplexity of base and fine-tuned model after training")

@@ -9,9 +9,11 @@ scheduler, step and the data position are restored exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -119,7 +121,7 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int, dp: DPPl
         engine = build_engine(model, o, ray.train.torch.get_device(), "fp32" if precision == "fp16" else precision, dp)
         return WorkerModel(engine, engine.scheduler, tokenizer, ds_cfg, trainable, total)
     # read when DeepSpeed builds or loads an op (torch.utils.cpp_extension, in deepspeed.initialize), not at import
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(cfg.run.torch_extensions_dir))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache(cfg.run.torch_extensions_dir))
     # on call, in the worker: the driver imports this module too, and importing DeepSpeed detects the accelerator
     # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
     import deepspeed
@@ -131,18 +133,30 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int, dp: DPPl
     return WorkerModel(engine, scheduler, tokenizer, ds_cfg, trainable, total)
 
 
+def ops_cache(root: str) -> str:
+    """This Python environment's folder of DeepSpeed's compiled ops under `root` (`run.torch_extensions_dir`).
+
+    A build records the environment's paths, and torch rebuilds an op whose recorded build differs: two
+    environments sharing one folder (two checkouts, a fresh clone's CI beside a working tree) would each rebuild
+    it (~25-35 s an op) after the other. One folder per environment (its name, not hidden, and a hash of its path) keeps both.
+    An explicit TORCH_EXTENSIONS_DIR is used as it is."""
+    env = f"{os.path.basename(sys.prefix).lstrip('.')}-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]}"
+    return os.path.join(expand(root), env)
+
+
 def build_ops(extensions_dir: str | None = None) -> dict[str, str]:
     """Compile DeepSpeed's ops that aigc's runs load (`PREBUILT_OPS`) into the ops cache now, so that no run compiles
-    them on its workers (~25-35 s each on 2 cores). The cache is `extensions_dir`, else TORCH_EXTENSIONS_DIR, else
-    `run.torch_extensions_dir`'s default: where the workers look. A build is valid for one machine and Python
-    environment (it records the environment's paths; another one rebuilds). Returns op name -> compiled library;
-    an op this accelerator has no builder for is skipped. `make setup` calls it (`aigc build-ops`)."""
+    them on its workers (~25-35 s each on 2 cores). The cache is this environment's folder (`ops_cache`) under
+    `extensions_dir`, else TORCH_EXTENSIONS_DIR, else this environment's folder under `run.torch_extensions_dir`'s
+    default: where the workers look. A build is valid for one machine and Python environment. Returns op name ->
+    compiled library; an op this accelerator has no builder for is skipped. `make setup` calls it
+    (`aigc build-ops`)."""
     from aigc.config import RunSection
 
     if extensions_dir:
-        os.environ["TORCH_EXTENSIONS_DIR"] = expand(extensions_dir)
+        os.environ["TORCH_EXTENSIONS_DIR"] = ops_cache(extensions_dir)
     else:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", expand(RunSection.model_fields["torch_extensions_dir"].default))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache(RunSection.model_fields["torch_extensions_dir"].default))
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

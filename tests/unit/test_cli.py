@@ -177,3 +177,21 @@ def test_build_ops_rejects_a_cache_it_cannot_create(capsys, tmp_path):
     assert main(["build-ops", "--dir", str(tmp_path / "a_file" / "ops")]) == 2
     err = capsys.readouterr().err
     assert f"--dir {tmp_path / 'a_file' / 'ops'}: Not a directory" in err
+
+
+def test_the_ops_cache_is_a_folder_per_python_environment_unless_set_explicitly(monkeypatch, tmp_path):
+    import sys
+
+    from aigc import train
+
+    monkeypatch.setattr(sys, "prefix", "/envs/a/.venv")
+    a = train.ops_cache(str(tmp_path))
+    assert train.ops_cache(str(tmp_path)) == a and Path(a).parent == tmp_path and Path(a).name.startswith("venv-")
+    monkeypatch.setattr(sys, "prefix", "/envs/b/.venv")
+    b = train.ops_cache(str(tmp_path))
+    assert b != a and Path(b).parent == tmp_path  # another checkout's environment of the same name: its own folder
+
+    monkeypatch.setattr(train, "PREBUILT_OPS", [])  # where build-ops builds, without compiling anything
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert train.build_ops() == {} and os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")  # as set
+    assert train.build_ops(str(tmp_path)) == {} and os.environ["TORCH_EXTENSIONS_DIR"] == b  # --dir: its folder
