@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from aigc import console
-from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, expand, load_config
+from aigc.config import ConfigError, EmbeddedCorpus, FinetuneConfig, build, load_config
 from aigc.pipeline_config import PipelineConfig
 from aigc.refresh_config import RefreshBusy, RefreshConfig, RefreshError
 from aigc.search_config import SearchConfig
@@ -346,14 +346,16 @@ def build_ops(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--dir", help="the ops cache, which gets a folder per Python environment (default: "
                    "TORCH_EXTENSIONS_DIR as it is, else run.torch_extensions_dir's default, where the workers look)")
     args = p.parse_args(argv)
+    console.setup()
+    from aigc.train import build_ops as build
+    from aigc.train import ops_cache
+
     if args.dir:
         try:
-            os.makedirs(expand(args.dir), exist_ok=True)  # the path build_ops will use
+            os.makedirs(ops_cache(args.dir), exist_ok=True)  # the folder build_ops builds into
         except OSError as e:
             print(f"error: --dir {args.dir}: {e.strerror or e}", file=sys.stderr)
             return 2
-    console.setup()
-    from aigc.train import build_ops as build
 
     t0 = time.time()
     try:

@@ -1,8 +1,8 @@
 """Hyperparameter search: space -> trials -> winner, with Ray Tune over the fine-tuning driver.
 
 Each trial is a full Ray Train + DeepSpeed fine-tune through `aigc.finetune.run_finetune` (the same driver
-as `jobs/finetune.py`), launched from a Tune function trainable (`aigc.trial`) whose own actor asks for almost nothing;
-its Train reports reach Tune through `TuneReportCallback` (Ray 2.60 rejects `Tuner(trainer)`). The data
+as `jobs/finetune.py`), launched from a Tune function trainable (`aigc.trial`) whose own actor asks for almost
+nothing; its Train reports reach Tune through `TuneReportCallback` (Ray 2.60 rejects `Tuner(trainer)`). The data
 and the base model are prepared once per search and shared with every trial. ASHA stops the trials that
 fall behind; the best trial's model is copied to `winner/` and the report is written.
 
@@ -132,7 +132,7 @@ def plan_concurrency(cfg: SearchConfig, nodes: list[dict[str, float]], types: li
     return max(1, min(fits, cap, total_trials(cfg)))
 
 
-# ------------------------------------------------------------------------------------------- trials
+# --------------------------------------------------------------------------------- staging and resume
 
 
 # The files of an object-store search its driver keeps a staging copy of: its own, Tune's folder, and of each

@@ -138,8 +138,8 @@ def ops_cache(root: str) -> str:
 
     A build records the environment's paths, and torch rebuilds an op whose recorded build differs: two
     environments sharing one folder (two checkouts, a fresh clone's CI beside a working tree) would each rebuild
-    it (~25-35 s an op) after the other. One folder per environment (its name, not hidden, and a hash of its path) keeps both.
-    An explicit TORCH_EXTENSIONS_DIR is used as it is."""
+    it (~25-35 s an op) after the other. One folder per environment (its name, not hidden, and a hash of its
+    path) keeps both. An explicit TORCH_EXTENSIONS_DIR is used as it is."""
     env = f"{os.path.basename(sys.prefix).lstrip('.')}-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]}"
     return os.path.join(expand(root), env)
 

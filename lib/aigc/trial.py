@@ -3,8 +3,8 @@
 Tune starts a fresh process for each trial and unpickles `run_trial` there, which imports this module. So it
 imports no more than a trial needs to name its run, record its attempts, forward its reports to Tune and wait
 (Tune, the configs, storage): not `aigc.search` or `aigc.finetune`, which would cost every trial ~4 s of
-importing transformers, DeepSpeed and the data pipeline in a process that trains nothing, nor MLflow. The fine-tune runs in `TrialDriver`, its own actor, which
-imports `aigc.finetune` when it starts the run.
+importing transformers, DeepSpeed and the data pipeline in a process that trains nothing, nor MLflow. The
+fine-tune runs in `TrialDriver`, its own actor, which imports `aigc.finetune` when it starts the run.
 """
 
 from __future__ import annotations
