@@ -179,6 +179,10 @@ def test_setup_installs_the_synced_project(cluster):
     remote = next(r for r, local in cluster["file_mounts"].items() if local in (".", "./"))
     assert any(re.search(rf"pip install .*-e {re.escape(remote)}\b", c) for c in cluster["setup_commands"])
     assert ".gitignore" in cluster["rsync_filter"]  # .venv and runs/ never leave the laptop
+    # DeepSpeed's ops built after the install, in the same environment, and a failed build never fails the node
+    pip = next(i for i, c in enumerate(cluster["setup_commands"]) if re.search(r"pip install .*-e ", c))
+    ops = [i for i, c in enumerate(cluster["setup_commands"]) if re.match(r"aigc build-ops\b", c)]
+    assert ops and ops[0] > pip and "||" in cluster["setup_commands"][ops[0]]
 
 
 def test_storage_is_the_shared_folder_that_the_gpu_jobs_use(cluster):
