@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aigc import storage
 from aigc.layout import staging_dir
-from aigc.storage import scheme_problem
 
 
 class ConfigError(ValueError):
@@ -431,11 +430,11 @@ class FinetuneConfig(Strict):
             out.append("data.block_size: the embedded tiny model supports at most 4096 positions")
         if m.name_or_path == EMBEDDED_BASE:
             out += _pretrain_problems(m.pretrain, d.block_size)
-            if problem := scheme_problem(self.run.base_cache):
+            if problem := storage.scheme_problem(self.run.base_cache):
                 out.append(f"run.base_cache: {problem}")
         if o.warmup_steps >= o.max_steps:
             out.append(f"optim.warmup_steps: must be below optim.max_steps ({o.warmup_steps} >= {o.max_steps})")
-        if problem := scheme_problem(self.run.storage_path):
+        if problem := storage.scheme_problem(self.run.storage_path):
             out.append(f"run.storage_path: {problem}")
         if self.eval.every_steps > o.max_steps:
             out.append(f"eval.every_steps: {self.eval.every_steps} > optim.max_steps={o.max_steps}: nothing would be validated")
