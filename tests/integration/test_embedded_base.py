@@ -8,10 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from aigc.config import FinetuneConfig, load_config
 from aigc.modeldir import load_model, verify_model_dir
 from aigc.pretrain import ROLE, base_fingerprint, ensure_base, finetune
+from aigc.template import DEFAULT_CHAT_TEMPLATE, render_prompt
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +38,8 @@ def test_the_base_is_a_trained_cached_model_directory(embedded_base, capsys):
 def test_task_finetune_from_the_base_reuses_it_and_moves_towards_the_floor(embedded_base, ray_local, tmp_path, capfd):
     """The shipped task config (the embedded brief -> ad task, chat) from the session's base: the base is reused
     with its tokenizer, the completion loss falls well towards its exact floor, and the before/after evaluation
-    (floor and task metrics, for both models) is printed and recorded in summary.json and aigc.json. (The session's
+    (floor and task metrics, for both models) is printed and recorded in summary.json and aigc.json, and the chat
+template travels with the model (this is the suite's chat training run). (The session's
     base is too small to write faithful ads; the fidelity relation, >= 50 points over the base, is measured on the
     real base by bench/task_quality.py.)"""
     cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
@@ -54,6 +57,14 @@ def test_task_finetune_from_the_base_reuses_it_and_moves_towards_the_floor(embed
     # the base's tokenizer, not one retrained on the task data
     assert (Path(result.best_dir) / "tokenizer.json").read_bytes() == (Path(embedded_base.path) / "tokenizer.json").read_bytes()
     assert not (Path(result.run_dir) / "base").exists()
+    # chat: the prompts carry no loss, and the template training used is in the model directory, so Serve renders
+    # the same prompt
+    assert 0.3 < result.data["loss_token_fraction"]["train"] < 1.0 and "loss_token_fraction" in out
+    assert result.data["examples"]["train"]["kept"] == 1000 and result.data["examples"]["train"]["dropped_too_long"] == 0
+    assert "chat_template.jinja" in tuned["files"]
+    tok = AutoTokenizer.from_pretrained(result.best_dir)
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert render_prompt(tok, [{"role": "user", "content": "Product: Nimbus soundbar"}]).endswith("\nAssistant:\n")
 
     before, after = result.evaluation["base"], result.evaluation["finetuned"]
     # step 0 of the fine-tune is the pre-trained base: already far below a random model (~ln(vocab) nats)

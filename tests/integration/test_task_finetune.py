@@ -1,5 +1,7 @@
-"""Fine-tuning on task data (chat and prompt -> completion JSONL) on a real local Ray cluster: Ray Data masks
-and packs, the loss falls, the chat template travels with the model; bad rows stop the run before training."""
+"""Fine-tuning on task data from JSONL files on a real local Ray cluster: prompt -> completion rows through the
+padded, length-bucketed path learn their completions, and bad chat rows stop the run before training or are
+counted. (Chat training, with its template travelling in the model directory, is the embedded task's run in
+test_embedded_base.py, on the session's base: one run for both.)"""
 
 from __future__ import annotations
 
@@ -13,9 +15,8 @@ from aigc.config import DataSection, FinetuneConfig, load_config
 from aigc.corpus import sample_ads
 from aigc.data import DataError, load_splits, to_ray_blocks
 from aigc.finetune import read_metrics_log, run_finetune
-from aigc.modeldir import verify_model_dir
 from aigc.modeling import train_tokenizer
-from aigc.template import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_prompt
+from aigc.template import ensure_chat_template
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,16 +47,11 @@ def cfg_for(tmp_path: Path, name: str, *overrides: str) -> FinetuneConfig:
                        [*TINY, "data.source=files", f"run.name={name}", f"run.storage_path={tmp_path}", *overrides])
 
 
-@pytest.mark.parametrize("fmt", ["chat", "prompt_completion"])
-def test_task_finetune_learns_the_completions(ray_local, tmp_path, capfd, fmt):
-    if fmt == "chat":
-        f = write(tmp_path / "chat.jsonl", chat_rows(600))
-        extra = ["data.format=chat"]
-    else:
-        f = write(tmp_path / "pc.jsonl", [{"prompt": "Start: " + " ".join(t.split()[:2]) + "\n", "completion": t}
-                                          for t in ads(600)])
-        extra = ["data.format=prompt_completion", "data.packing=false"]  # the padded, length-bucketed path
-    result = run_finetune(cfg_for(tmp_path, fmt, f"data.train_files=[{f}]", *extra))
+def test_prompt_completion_files_learn_the_completions(ray_local, tmp_path, capfd):
+    f = write(tmp_path / "pc.jsonl", [{"prompt": "Start: " + " ".join(t.split()[:2]) + "\n", "completion": t}
+                                      for t in ads(600)])
+    result = run_finetune(cfg_for(tmp_path, "pc", f"data.train_files=[{f}]", "data.format=prompt_completion",
+                                  "data.packing=false"))  # the padded, length-bucketed path
 
     log = read_metrics_log(result.run_dir)
     assert [r["step"] for r in log] == [10, 20, 30]
@@ -66,13 +62,7 @@ def test_task_finetune_learns_the_completions(ray_local, tmp_path, capfd, fmt):
     assert 0.3 < info["loss_token_fraction"]["train"] < 1.0  # the prompts carry no loss
     assert info["examples"]["train"]["kept"] == 540 and info["examples"]["train"]["dropped_too_long"] == 0
     assert "loss_token_fraction" in capfd.readouterr().out
-    tok = AutoTokenizer.from_pretrained(result.best_dir)
-    if fmt == "chat":  # the template training used is in the model directory, so Serve renders the same prompt
-        assert "chat_template.jinja" in verify_model_dir(result.best_dir)["files"]
-        assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
-        assert render_prompt(tok, chat_rows(1)[0]["messages"][:1]).endswith("\nAssistant:\n")
-    else:
-        assert tok.chat_template is None
+    assert AutoTokenizer.from_pretrained(result.best_dir).chat_template is None  # no template for plain prompts
 
 
 def test_too_long_rows_stop_the_run_or_are_counted(ray_local, tmp_path):
