@@ -79,18 +79,26 @@ def head_node():
         stop_private_head(head, temp)
 
 
-def test_ray_job_submit_produces_a_model_directory(head_node, tmp_path):
+def test_ray_job_submit_at_debug_level_produces_a_model_directory(head_node, tmp_path):
+    """The README's way to troubleshoot a submitted job: AIGC_LOG_LEVEL=debug in the job's runtime_env brings
+    back what the default level filters, from the driver and the workers (the default level on a cluster is
+    the pipeline job's, below; in a user's shell, test_output.py's)."""
     from transformers import AutoModelForCausalLM
 
     from aigc.modeldir import verify_model_dir
 
     address, env = head_node
     p = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"env_vars": {"AIGC_LOG_LEVEL": "debug"}}), "--",
          "python", *JOB, *SMALL, "run.name=submitted", f"run.storage_path={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "succeeded" in p.stdout
+    # log records that the worker hook and the driver drop at info
+    kinds = {line.split(":")[0] for line in noise_lines(p.stdout + p.stderr)}
+    assert {"Ray Train per-report INFO", "Ray Train checkpoint INFO", "Ray Data execution INFO"} <= kinds, kinds
+    assert re.search(r"\[aigc\] submitted step +20 \| val loss", p.stdout)
     best = tmp_path / "submitted" / "best"
     meta = verify_model_dir(best)
     assert meta["step"] in (10, 20) and meta["evaluation"]["finetuned"]["test_ppl"] > 1
