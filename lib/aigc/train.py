@@ -16,6 +16,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,10 +128,11 @@ def build_worker_model(cfg: FinetuneConfig, base: str, world_size: int, dp: DPPl
     # (on a CPU machine without DS_ACCELERATOR it prints a warning to stdout)
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
-        lr_scheduler=make_scheduler(o),
-    )
+    with environment_ninja():
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_cfg,
+            lr_scheduler=make_scheduler(o),
+        )
     return WorkerModel(engine, scheduler, tokenizer, ds_cfg, trainable, total)
 
 
@@ -142,6 +145,34 @@ def ops_cache(root: str) -> str:
     path) keeps both. An explicit TORCH_EXTENSIONS_DIR is used as it is."""
     env = f"{os.path.basename(sys.prefix).lstrip('.')}-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]}"
     return os.path.join(expand(root), env)
+
+
+@contextmanager
+def environment_ninja() -> Iterator[None]:
+    """PATH with this Python environment's own `ninja` first (the `ninja` package DeepSpeed depends on), for as
+    long as DeepSpeed may build or load an op.
+
+    torch runs the first `ninja` on PATH, and ninja versions record a build's command under different hashes
+    (1.11 and 1.13 do): an op built by one counts as changed for the other, which rebuilds it (~22 s). A machine
+    with a system ninja then rebuilt the ops whenever processes with and without the environment's `bin` on
+    PATH (a plain `.venv/bin/python`, `ray start` from an activated shell) took turns: four times in one run of
+    the suite. One ninja per environment, like one ops folder per environment (`ops_cache`)."""
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):  # no such package: torch finds whichever ninja it finds
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([bin_dir, *([before] if before else [])])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def build_ops(extensions_dir: str | None = None) -> dict[str, str]:
@@ -165,7 +196,8 @@ def build_ops(extensions_dir: str | None = None) -> dict[str, str]:
         builder = get_accelerator().create_op_builder(name)
         if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
             continue
-        built[builder.NAME] = builder.load(verbose=False).__file__
+        with environment_ninja():
+            built[builder.NAME] = builder.load(verbose=False).__file__
     return built
 
 

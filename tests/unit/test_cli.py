@@ -195,3 +195,26 @@ def test_the_ops_cache_is_a_folder_per_python_environment_unless_set_explicitly(
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert train.build_ops() == {} and os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")  # as set
     assert train.build_ops(str(tmp_path)) == {} and os.environ["TORCH_EXTENSIONS_DIR"] == b  # --dir: its folder
+
+
+def test_ops_build_with_the_environments_own_ninja_whatever_path_says(monkeypatch, tmp_path):
+    """Another ninja first on PATH (a system one) would record builds under other hashes and rebuild the ops."""
+    import shutil
+
+    import ninja
+
+    from aigc.train import environment_ninja
+
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other / "ninja").chmod(0o755)
+    path = f"{other}{os.pathsep}{os.environ.get('PATH', '')}"
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") == str(other / "ninja")
+    with environment_ninja():
+        assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    assert os.environ["PATH"] == path  # as it was
+    with pytest.raises(RuntimeError), environment_ninja():
+        raise RuntimeError("a build failed")
+    assert os.environ["PATH"] == path
