@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from private_head import stop_private_head
-from test_output import noise_lines
+from test_output import noise_lines, user_shell_env
 
 from conftest import TEXT_RANDOM, free_port, haproxy_env
 
@@ -52,9 +52,10 @@ def head_node():
     """`ray start --head --block` with token auth on free ports; stopped by signalling only its own process."""
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="aigc-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # a user's shell: without conftest's RAY_DEDUP_LOGS=0, which also turns off Ray's skip regex for forwarded lines
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}, "RAY_AUTH_MODE": "token",
-           "PATH": f"{BIN}:{os.environ['PATH']}", **haproxy_env(temp)}
+    # a user's shell (the head's processes and the jobs' drivers inherit it): without conftest's RAY_DEDUP_LOGS=0,
+    # which also turns off Ray's skip regex for forwarded lines, or the quiet settings an earlier test's in-process
+    # run left in this process's environment, which would quiet the jobs' drivers for them
+    env = {**user_shell_env(), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}", **haproxy_env(temp)}
     # every listener on a free port: Ray's fixed defaults (the agent's 52365, the client server's 10001) collide
     # with any other Ray on the machine (a user's own, another test run's), and the job API is the agent's
     head = subprocess.Popen(

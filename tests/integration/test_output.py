@@ -50,13 +50,16 @@ def noise_lines(output: str) -> list[str]:
     return [f"{kind}: {line}" for line in output.splitlines() for kind, pat in NOISE.items() if re.search(pat, line)]
 
 
-def run_job(tmp_path: Path, *overrides: str) -> str:
-    # a user's shell: no test-only settings (Ray also changes its output when it sees PYTEST_CURRENT_TEST)
-    # and none of what console.setup() put into this process's environment when an earlier test ran a job in it
+def user_shell_env() -> dict[str, str]:
+    """This process's environment as a user's shell has it: no test-only settings (Ray also changes its output when
+    it sees PYTEST_CURRENT_TEST) and none of what console.setup() put here when an earlier test ran a job in it."""
     drop = {"RAY_DEDUP_LOGS", "PYTEST_CURRENT_TEST", LEVEL_ENV, PROGRESS_ENV, *QUIET_ENV,
             "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_DEDUP_LOGS_ALLOW_REGEX"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    p = subprocess.run([*JOB, *overrides, f"run.storage_path={tmp_path}"], cwd=ROOT, env=env,
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def run_job(tmp_path: Path, *overrides: str) -> str:
+    p = subprocess.run([*JOB, *overrides, f"run.storage_path={tmp_path}"], cwd=ROOT, env=user_shell_env(),
                        capture_output=True, text=True, timeout=900)
     out = re.sub(r"\x1b\[[0-9;]*m", "", p.stdout + p.stderr)  # Ray colours prefixes and the dashboard URL
     assert p.returncode == 0, out[-4000:]
