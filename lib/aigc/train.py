@@ -192,11 +192,11 @@ def build_ops(extensions_dir: str | None = None) -> dict[str, str]:
     from deepspeed.accelerator import get_accelerator
 
     built = {}
-    for name in PREBUILT_OPS:
-        builder = get_accelerator().create_op_builder(name)
-        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-            continue
-        with environment_ninja():
+    with environment_ninja():
+        for name in PREBUILT_OPS:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+                continue
             built[builder.NAME] = builder.load(verbose=False).__file__
     return built
 
