@@ -39,9 +39,9 @@ def test_task_finetune_from_the_base_reuses_it_and_moves_towards_the_floor(embed
     """The shipped task config (the embedded brief -> ad task, chat) from the session's base: the base is reused
     with its tokenizer, the completion loss falls well towards its exact floor, and the before/after evaluation
     (floor and task metrics, for both models) is printed and recorded in summary.json and aigc.json, and the chat
-template travels with the model (this is the suite's chat training run). (The session's
-    base is too small to write faithful ads; the fidelity relation, >= 50 points over the base, is measured on the
-    real base by bench/task_quality.py.)"""
+    template travels with the model (this is the suite's chat training run). (The session's base is too small to
+    write faithful ads; the fidelity relation, >= 50 points over the base, is measured on the real base by
+    bench/task_quality.py.)"""
     cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/tiny-cpu.yaml", [
         *embedded_base.overrides, f"run.storage_path={tmp_path}", "run.name=task", "run.samples=2",
         "data.embedded={n_train: 1000, n_validation: 100, n_test: 100, seed: 0}", "data.block_size=192",
